@@ -1,0 +1,365 @@
+"""The acausal crosscoder of DESIGN §1: one layer, two models, L1 or BatchTopK sparsity.
+
+Weights act on normalised inputs ``x_m / s_m``; every public method takes and returns activations in
+the models' own units. Shapes: ``x [batch, 2, d]`` (index 0 = base, 1 = chat), codes ``f [batch, F]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as Fn
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError, CrossdiffError
+
+KINDS = ("l1", "batchtopk")
+
+
+@dataclass
+class CrossCoderConfig:
+    """Architecture and sparsity settings; saved as ``config.json`` next to the weights."""
+
+    kind: str
+    d_model: int
+    dict_size: int
+    k: int | None = None  # BatchTopK: mean active latents per token
+    l1_coeff: float = 0.0  # L1: λ (after warm-up)
+    init_norm: float = 0.05  # decoder row norm at init
+    aux_k: int | None = None  # AuxK: dead latents used per token (default d/2)
+    aux_alpha: float = 1.0 / 32.0
+    threshold_decay: float = 0.999
+    # provenance (DESIGN §2): what it was trained on
+    training_tokens: int = 0
+    cache: str | None = None
+    cache_manifest_hash: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown crosscoder kind {self.kind!r}; use one of {KINDS}")
+        if self.d_model <= 0 or self.dict_size <= 0:
+            raise ConfigError(f"d_model and dict_size must be positive (got {self.d_model}, {self.dict_size})")
+        if self.kind == "batchtopk":
+            if self.k is None or self.k <= 0:
+                raise ConfigError("a batchtopk crosscoder needs k >= 1: pass --k (the paper uses k=100)")
+            if self.k > self.dict_size:
+                raise ConfigError(
+                    f"k={self.k} is larger than the dictionary (dict_size={self.dict_size}): "
+                    "choose k <= dict_size (typically k is 1-5% of it)"
+                )
+        if self.l1_coeff < 0:
+            raise ConfigError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.aux_k is None:
+            self.aux_k = max(1, self.d_model // 2)
+        self.aux_k = min(self.aux_k, self.dict_size)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CrossCoderConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Codes(NamedTuple):
+    """Sparse codes of a batch: ``values [nnz]`` at ``(rows [nnz], latents [nnz])``, sorted by row."""
+
+    values: torch.Tensor
+    rows: torch.Tensor
+    latents: torch.Tensor
+    batch: int
+
+    def to_dense(self, dict_size: int) -> torch.Tensor:
+        f = self.values.new_zeros(self.batch, dict_size)
+        f[self.rows, self.latents] = self.values
+        return f
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # what is minimised
+    recon: torch.Tensor  # Σ_m ||x_m − x̂_m||², batch mean, normalised units
+    sparsity: torch.Tensor  # λ Σ_j f_j (||d_j^b|| + ||d_j^c||), batch mean (0 for BatchTopK)
+    aux: torch.Tensor  # L_aux (0 unless dead latents are given)
+    l0: torch.Tensor  # mean active latents per token
+    fired: torch.Tensor  # [F] bool, latents active anywhere in the batch
+    x_hat: torch.Tensor  # [batch, 2, d] normalised units, detached
+    min_kept_score: torch.Tensor  # BatchTopK: smallest kept v this batch (nan for L1)
+
+
+class CrossCoder(torch.nn.Module):
+    """Crosscoder with ``W_enc [2,d,F]``, ``b_enc [F]``, ``W_dec [2,F,d]``, ``b_dec [2,d]``, ``scales [2]``."""
+
+    def __init__(self, cfg: CrossCoderConfig, *, scales: torch.Tensor | None = None, device=None,
+                 dtype: torch.dtype = torch.float32, seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        d, F = cfg.d_model, cfg.dict_size
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.randn(2, F, d, generator=gen, dtype=torch.float32)
+        # each model's half of a row gets init_norm, so Δnorm starts at 0.5 for every latent
+        w = w / w.norm(dim=-1, keepdim=True) * cfg.init_norm
+        w = w.to(device=device, dtype=dtype)
+        self.W_dec = torch.nn.Parameter(w)
+        self.W_enc = torch.nn.Parameter(w.transpose(1, 2).contiguous())
+        self.b_enc = torch.nn.Parameter(torch.zeros(F, device=device, dtype=dtype))
+        self.b_dec = torch.nn.Parameter(torch.zeros(2, d, device=device, dtype=dtype))
+        s = torch.ones(2) if scales is None else torch.as_tensor(scales, dtype=torch.float32).reshape(2)
+        if not torch.all(torch.isfinite(s) & (s > 0)):
+            raise ConfigError(f"input scales must be finite and positive, got {s.tolist()}")
+        self.register_buffer("scales", s.to(device=device, dtype=torch.float32))
+        self.register_buffer("threshold", torch.tensor(float("nan"), device=device, dtype=torch.float32))
+
+    # ---- units -------------------------------------------------------------------------------
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, 2, d]`` model units -> normalised units (weights' dtype)."""
+        self._check_input(x)
+        return (x.to(self.W_enc.dtype) / self.scales.to(self.W_enc.dtype)[None, :, None])
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scales.to(x.dtype)[None, :, None]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 3 or x.shape[1] != 2 or x.shape[2] != self.cfg.d_model:
+            raise ConfigError(
+                f"crosscoder expects activations shaped [batch, 2, {self.cfg.d_model}] (base, chat); got "
+                f"{list(x.shape)}: check that the cache's d_model matches the crosscoder's"
+            )
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def decoder_norms(self) -> torch.Tensor:
+        """``[2, F]`` norms of the decoder rows ``||d_j^b||, ||d_j^c||`` (normalised space)."""
+        return self.W_dec.norm(dim=-1)
+
+    def pre_activations(self, xn: torch.Tensor) -> torch.Tensor:
+        """``[batch, 2, d]`` normalised -> ``[batch, F]`` pre-activations ``W_encᵀ x + b_enc``."""
+        d, F = self.cfg.d_model, self.cfg.dict_size
+        return torch.addmm(self.b_enc, xn.reshape(-1, 2 * d), self.W_enc.reshape(2 * d, F))
+
+    def scores(self, pre: torch.Tensor) -> torch.Tensor:
+        """BatchTopK selection scores ``v_j = relu(pre_j) (||d_j^b|| + ||d_j^c||)``, ``[batch, F]``."""
+        return Fn.relu(pre) * self.decoder_norms().sum(0).to(pre.dtype)
+
+    def _select_batch(self, pre: torch.Tensor) -> tuple[Codes, torch.Tensor]:
+        """Keep the ``k·batch`` largest scores over the whole batch; returns codes and the smallest kept v."""
+        B = pre.shape[0]
+        v = self.scores(pre.detach())
+        kb = min(self.cfg.k * B, v.numel())
+        thr = batch_kth_largest(v.reshape(-1), kb)
+        mask = v >= thr
+        mask &= v > 0  # ReLU zeros never count as active
+        rows, lat = mask.nonzero(as_tuple=True)
+        return Codes(Fn.relu(pre[rows, lat]), rows, lat, B), thr
+
+    def _select_threshold(self, pre: torch.Tensor) -> Codes:
+        if not torch.isfinite(self.threshold):
+            raise CrossdiffError(
+                "this batchtopk crosscoder has no inference threshold yet (train it past warm-up, or call "
+                "encode(..., batch_topk=True))"
+            )
+        v = self.scores(pre)
+        rows, lat = (v > self.threshold).nonzero(as_tuple=True)
+        return Codes(Fn.relu(pre[rows, lat]), rows, lat, pre.shape[0])
+
+    def encode_sparse(self, x: torch.Tensor, *, batch_topk: bool | None = None, normalised: bool = False) -> Codes:
+        """Codes of ``x [batch, 2, d]``. BatchTopK uses the batch selection when ``batch_topk`` (default:
+        in training mode) and the inference threshold otherwise; L1 keeps every positive ``relu(pre)``."""
+        xn = x if normalised else self.normalise(x)
+        pre = self.pre_activations(xn)
+        if self.cfg.kind == "l1":
+            f = Fn.relu(pre)
+            rows, lat = f.nonzero(as_tuple=True)
+            return Codes(f[rows, lat], rows, lat, f.shape[0])
+        if batch_topk is None:
+            batch_topk = self.training
+        return self._select_batch(pre)[0] if batch_topk else self._select_threshold(pre)
+
+    def encode(self, x: torch.Tensor, *, batch_topk: bool | None = None) -> torch.Tensor:
+        """``[batch, 2, d]`` model units -> dense codes ``f [batch, F]``."""
+        xn = self.normalise(x)
+        if self.cfg.kind == "l1":
+            return Fn.relu(self.pre_activations(xn))
+        return self.encode_sparse(xn, batch_topk=batch_topk, normalised=True).to_dense(self.cfg.dict_size)
+
+    def decode_normalised(self, f: torch.Tensor | Codes) -> torch.Tensor:
+        """Codes (dense ``[batch, F]`` or sparse) -> ``x̂ [batch, 2, d]`` in normalised units."""
+        if isinstance(f, Codes):
+            return sparse_decode(f, self.W_dec, self.b_dec)
+        B, F, d = f.shape[0], self.cfg.dict_size, self.cfg.d_model
+        # one [B,F]x[F,2d] product; the [F,2d] copy of W_dec is cheap next to it
+        w = self.W_dec.transpose(0, 1).reshape(F, 2 * d)
+        return (f.to(w.dtype) @ w).view(B, 2, d) + self.b_dec
+
+    def decode(self, f: torch.Tensor | Codes) -> torch.Tensor:
+        """Codes -> reconstruction ``x̂ [batch, 2, d]`` in the models' own units."""
+        return self.denormalise(self.decode_normalised(f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``x [batch, 2, d]`` (model units) -> ``x̂ [batch, 2, d]`` (model units)."""
+        return self.decode(self.encode_sparse(x))
+
+    # ---- training objective ------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, *, l1_coeff: float | None = None, dead: torch.Tensor | None = None) -> LossOutput:
+        """The DESIGN §1 objective on one batch ``x [batch, 2, d]`` (model units).
+
+        L1: ``Σ_m ||x_m − x̂_m||² + λ Σ_j f_j (||d_j^b|| + ||d_j^c||)``; BatchTopK: ``Σ_m ||x_m − x̂_m||² + α L_aux``
+        with ``L_aux`` over the ``dead [F]`` latents (bool mask) when any are dead.
+        """
+        xn = self.normalise(x)
+        B = xn.shape[0]
+        pre = self.pre_activations(xn)
+        nan = torch.tensor(float("nan"), device=xn.device)
+        zero = xn.new_zeros(())
+        if self.cfg.kind == "l1":
+            f = Fn.relu(pre)
+            x_hat = self.decode_normalised(f)
+            recon = reconstruction_loss(xn, x_hat)
+            lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+            sparsity = l1_penalty(f, self.decoder_norms(), lam)
+            active = f > 0
+            out = LossOutput(recon + sparsity, recon, sparsity, zero, active.sum(1).float().mean(),
+                             active.any(0), x_hat.detach(), nan)
+            return out
+        codes, thr = self._select_batch(pre)
+        x_hat = self.decode_normalised(codes)
+        recon = reconstruction_loss(xn, x_hat)
+        aux = zero
+        if dead is not None and bool(dead.any()):
+            aux = self.aux_loss(xn, x_hat.detach(), pre, dead)
+        fired = torch.zeros(self.cfg.dict_size, dtype=torch.bool, device=xn.device)
+        fired[codes.latents] = True
+        l0 = torch.tensor(codes.values.numel() / B, device=xn.device)
+        return LossOutput(recon + self.cfg.aux_alpha * aux, recon, zero, aux, l0, fired, x_hat.detach(), thr)
+
+    def aux_loss(self, xn: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the ``aux_k`` largest pre-activations among ``dead`` latents reconstruct
+        the detached error ``e = x − x̂``; ``L_aux = Σ_m ||e_m − ê_m||² / Σ_m ||e_m − mean(e_m)||²``.
+
+        A dead latent's pre-activation is negative on almost every token, so a plain ReLU would pass no
+        gradient. The codes use ``relu`` in the forward pass but a straight-through gradient (identity)
+        to the pre-activation, so the encoder learns to raise dead latents where their decoder row
+        points along the error; once one fires, the main loss takes over.
+        """
+        e = (xn - x_hat).detach()  # [B, 2, d]
+        n_dead = int(dead.sum())
+        kk = min(self.cfg.aux_k, n_dead)
+        masked = pre.masked_fill(~dead[None, :], float("-inf"))
+        vals, lat = masked.topk(kk, dim=1, sorted=False)  # [B, kk]
+        st = vals + (Fn.relu(vals) - vals).detach()  # forward relu, backward identity
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(kk)
+        codes = Codes(st.reshape(-1), rows, lat.reshape(-1), pre.shape[0])
+        e_hat = sparse_decode(codes, self.W_dec, None)
+        denom = (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        return (e - e_hat).pow(2).sum() / denom
+
+    # ---- save / load -------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (DESIGN §2) atomically into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "W_enc": self.W_enc.detach().contiguous().cpu(),
+            "b_enc": self.b_enc.detach().contiguous().cpu(),
+            "W_dec": self.W_dec.detach().contiguous().cpu(),
+            "b_dec": self.b_dec.detach().contiguous().cpu(),
+            "scales": self.scales.detach().contiguous().cpu(),
+        }
+        if self.cfg.kind == "batchtopk":
+            tensors["threshold"] = self.threshold.detach().reshape(()).contiguous().cpu()
+        _atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        cfg = asdict(self.cfg)
+        cfg["dtype"] = str(self.W_enc.dtype).removeprefix("torch.")
+        _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device=None) -> "CrossCoder":
+        """Load a crosscoder directory written by :meth:`save` (or any tool writing DESIGN §2's format)."""
+        p = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (p / name).is_file():
+                raise CrossdiffError(f"{p} is not a crosscoder directory: {name} is missing (train one with `crossdiff train`)")
+        cfg = CrossCoderConfig.from_dict(json.loads((p / "config.json").read_text()))
+        sd = load_file(str(p / "model.safetensors"), device="cpu")
+        expect = {"W_enc": (2, cfg.d_model, cfg.dict_size), "b_enc": (cfg.dict_size,),
+                  "W_dec": (2, cfg.dict_size, cfg.d_model), "b_dec": (2, cfg.d_model), "scales": (2,)}
+        for k, shape in expect.items():
+            if k not in sd or tuple(sd[k].shape) != shape:
+                got = tuple(sd[k].shape) if k in sd else "missing"
+                raise CrossdiffError(f"{p/'model.safetensors'}: tensor {k} should be {shape}, is {got}; the file does not match config.json")
+        model = cls(cfg, scales=sd["scales"], device=device, dtype=sd["W_enc"].dtype, seed=None)
+        with torch.no_grad():
+            for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(model, k).copy_(sd[k])
+            if "threshold" in sd:
+                model.threshold.copy_(sd["threshold"].reshape(()))
+        return model
+
+
+# ---- formulas (DESIGN §1), one place each ------------------------------------------------------
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``Σ_m ||x_m − x̂_m||²`` averaged over the batch; ``x, x̂ [batch, 2, d]``."""
+    return (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
+
+
+def l1_penalty(f: torch.Tensor, dec_norms: torch.Tensor, l1_coeff: float) -> torch.Tensor:
+    """``λ Σ_j f_j (||d_j^b|| + ||d_j^c||)`` averaged over the batch; ``f [batch, F]``, ``dec_norms [2, F]``."""
+    return l1_coeff * (f @ dec_norms.sum(0)).mean()
+
+
+def batch_kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a flat tensor ``v [n]`` (exact).
+
+    A full ``topk`` over ``batch·F`` scores is slow on CPU. We first guess a lower bound from a strided
+    sample, keep only the candidates above it (typically a few ``k``) and run ``topk`` on those; if the
+    guess kept fewer than ``k``, fall back to the full ``topk``.
+    """
+    n = v.numel()
+    if k >= n:
+        return v.min()
+    if n > 64 * k and n > 1 << 16:
+        step = max(1, n // (1 << 16))
+        sample = v[::step]
+        q = 1.0 - min(1.0, 3.0 * k / n + 4.0 / math.sqrt(sample.numel()))
+        lo = torch.quantile(sample.float(), q) if q > 0 else sample.min() - 1
+        cand = v[v > lo]
+        if cand.numel() >= k:
+            return cand.topk(k, sorted=False).values.min()
+    return v.topk(k, sorted=False).values.min()
+
+
+def sparse_decode(codes: Codes, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
+    """``Σ_j f_j W_dec[m, j] (+ b_dec[m])`` from sparse codes, without a dense ``[batch, F]`` matmul.
+
+    ``W_dec [2, F, d]`` -> ``[batch, 2, d]``. Like EleutherAI sparsify's TopK decoder, each token's
+    output sums only its active rows (``embedding_bag`` with per-sample weights), so the cost scales
+    with the number of active codes, not with F.
+    """
+    B = codes.batch
+    counts = torch.bincount(codes.rows, minlength=B)
+    offsets = torch.cumsum(counts, 0) - counts
+    w = codes.values.to(W_dec.dtype)
+    out = torch.stack([Fn.embedding_bag(codes.latents, W_dec[m], offsets, mode="sum", per_sample_weights=w)
+                       for m in range(2)], dim=1)  # [B, 2, d]
+    if b_dec is not None:
+        out = out + b_dec
+    return out
+
+
+def _atomic(target: Path, write) -> None:
+    """Write via ``write(tmp_path)`` then rename over ``target`` (never a half-written file)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,1 @@
+"""flows package: grows with the pipeline (DESIGN §3)."""

@@ -1,0 +1,1 @@
+"""tasks package: grows with the pipeline (DESIGN §3)."""
