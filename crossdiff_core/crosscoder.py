@@ -145,16 +145,17 @@ class CrossCoder(torch.nn.Module):
         """BatchTopK selection scores ``v_j = relu(pre_j) (||d_j^b|| + ||d_j^c||)``, ``[batch, F]``."""
         return Fn.relu(pre) * self.decoder_norms().sum(0).to(pre.dtype)
 
-    def _select_batch(self, pre: torch.Tensor) -> tuple[Codes, torch.Tensor]:
-        """Keep the ``k·batch`` largest scores over the whole batch; returns codes and the smallest kept v."""
-        B = pre.shape[0]
+    def batch_mask(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK selection: ``[batch, F]`` bool mask of the ``k·batch`` largest scores over the whole
+        batch (ReLU zeros never count), and the smallest kept score ``v`` (for the inference threshold)."""
         v = self.scores(pre.detach())
-        kb = min(self.cfg.k * B, v.numel())
+        kb = min(self.cfg.k * pre.shape[0], v.numel())
         thr = batch_kth_largest(v.reshape(-1), kb)
-        mask = v >= thr
-        mask &= v > 0  # ReLU zeros never count as active
-        rows, lat = mask.nonzero(as_tuple=True)
-        return Codes(Fn.relu(pre[rows, lat]), rows, lat, B), thr
+        return (v >= thr) & (v > 0), thr
+
+    def _select_batch(self, pre: torch.Tensor) -> Codes:
+        rows, lat = self.batch_mask(pre)[0].nonzero(as_tuple=True)
+        return Codes(Fn.relu(pre[rows, lat]), rows, lat, pre.shape[0])
 
     def _select_threshold(self, pre: torch.Tensor) -> Codes:
         if not torch.isfinite(self.threshold):
@@ -177,7 +178,7 @@ class CrossCoder(torch.nn.Module):
             return Codes(f[rows, lat], rows, lat, f.shape[0])
         if batch_topk is None:
             batch_topk = self.training
-        return self._select_batch(pre)[0] if batch_topk else self._select_threshold(pre)
+        return self._select_batch(pre) if batch_topk else self._select_threshold(pre)
 
     def encode(self, x: torch.Tensor, *, batch_topk: bool | None = None) -> torch.Tensor:
         """``[batch, 2, d]`` model units -> dense codes ``f [batch, F]``."""
@@ -225,16 +226,17 @@ class CrossCoder(torch.nn.Module):
             out = LossOutput(recon + sparsity, recon, sparsity, zero, active.sum(1).float().mean(),
                              active.any(0), x_hat.detach(), nan)
             return out
-        codes, thr = self._select_batch(pre)
-        x_hat = self.decode_normalised(codes)
+        # dense masked codes: at k/F ~ 1/100 a dense [B,F]x[F,2d] product beats sparse kernels on CPU
+        mask, thr = self.batch_mask(pre)
+        f = pre * mask  # kept entries are positive, so this is relu(pre) on them
+        x_hat = self.decode_normalised(f)
         recon = reconstruction_loss(xn, x_hat)
         aux = zero
         if dead is not None and bool(dead.any()):
             aux = self.aux_loss(xn, x_hat.detach(), pre, dead)
-        fired = torch.zeros(self.cfg.dict_size, dtype=torch.bool, device=xn.device)
-        fired[codes.latents] = True
-        l0 = torch.tensor(codes.values.numel() / B, device=xn.device)
-        return LossOutput(recon + self.cfg.aux_alpha * aux, recon, zero, aux, l0, fired, x_hat.detach(), thr)
+        l0 = mask.sum() / B
+        return LossOutput(recon + self.cfg.aux_alpha * aux, recon, zero, aux, l0.float(), mask.any(0),
+                          x_hat.detach(), thr)
 
     def aux_loss(self, xn: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the ``aux_k`` largest pre-activations among ``dead`` latents reconstruct
@@ -246,14 +248,14 @@ class CrossCoder(torch.nn.Module):
         points along the error; once one fires, the main loss takes over.
         """
         e = (xn - x_hat).detach()  # [B, 2, d]
-        n_dead = int(dead.sum())
-        kk = min(self.cfg.aux_k, n_dead)
-        masked = pre.masked_fill(~dead[None, :], float("-inf"))
-        vals, lat = masked.topk(kk, dim=1, sorted=False)  # [B, kk]
+        # work on the dead columns only: cheap when few latents are dead, which is the common case
+        idx = dead.nonzero(as_tuple=True)[0]
+        pre_d = pre[:, idx]  # [B, n_dead]
+        vals, pos = pre_d.topk(min(self.cfg.aux_k, idx.numel()), dim=1, sorted=False)
         st = vals + (Fn.relu(vals) - vals).detach()  # forward relu, backward identity
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(kk)
-        codes = Codes(st.reshape(-1), rows, lat.reshape(-1), pre.shape[0])
-        e_hat = sparse_decode(codes, self.W_dec, None)
+        f_aux = torch.zeros_like(pre_d).scatter(1, pos, st)
+        w = self.W_dec[:, idx].transpose(0, 1).reshape(idx.numel(), -1)  # [n_dead, 2d]
+        e_hat = (f_aux @ w).view_as(e)
         denom = (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
         return (e - e_hat).pow(2).sum() / denom
 

@@ -194,27 +194,11 @@ class Trainer:
             lrf = lr_factor(self.step, steps, cfg.warmup_frac, cfg.decay_frac)
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * lrf
-            dead = None
-            if model.cfg.kind == "batchtopk":
-                dead = self.since_fired >= self.dead_after
-            with _autocast(self.device, self.compute_dtype):
-                out = model.loss(x, l1_coeff=model.cfg.l1_coeff * l1_factor(self.step, steps, cfg.l1_warmup_frac),
-                                 dead=dead)
-            loss = out.loss.float()
-            if not torch.isfinite(loss):
-                bad_input = not bool(torch.isfinite(x).all())
-                where = ("the input batch contains NaN/inf activations: check the cache (crossdiff cache-info "
-                         "--cache DIR) and rebuild the bad shards" if bad_input else
-                         "lower --lr, or train in float32 if you used bfloat16")
-                raise TrainingDivergedError(
-                    f"loss became {loss.item()} at step {self.step}; {where}. The last good checkpoint "
-                    f"({self.out / CHECKPOINT}, if any) was kept; re-running resumes from it."
-                )
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.opt.step()
+            dead = self.since_fired >= self.dead_after if model.cfg.kind == "batchtopk" else None
+            l1 = model.cfg.l1_coeff * l1_factor(self.step, steps, cfg.l1_warmup_frac)
+            out = optimisation_step(model, self.opt, x, l1_coeff=l1, dead=dead, grad_clip=cfg.grad_clip,
+                                    compute_dtype=self.compute_dtype, step=self.step, out_path=self.out / CHECKPOINT)
+            loss = out.loss
             with torch.no_grad():
                 self.since_fired += x.shape[0]
                 self.since_fired[out.fired] = 0
@@ -243,6 +227,31 @@ class Trainer:
         final = self.history[-1] if self.history else self.validate()
         return {"final": final, "history": self.history, "steps": steps,
                 "tokens_per_second": (steps * cfg.batch_size - tokens0) / max(elapsed, 1e-9)}
+
+
+def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Tensor, *, l1_coeff: float,
+                      dead: torch.Tensor | None, grad_clip: float, compute_dtype: torch.dtype | None,
+                      step: int = 0, out_path: Path | None = None):
+    """One Adam step on ``x [batch, 2, d]``: loss (autocast to ``compute_dtype``), NaN guard, backward,
+    clipping. Returns the :class:`~crossdiff_core.crosscoder.LossOutput` (loss as float32)."""
+    with _autocast(x.device, compute_dtype):
+        out = model.loss(x, l1_coeff=l1_coeff, dead=dead)
+    loss = out.loss.float()
+    if not torch.isfinite(loss):
+        bad_input = not bool(torch.isfinite(x).all())
+        where = ("the input batch contains NaN/inf activations: check the cache (crossdiff cache-info "
+                 "--cache DIR) and rebuild the bad shards" if bad_input else
+                 "lower --lr, or train in float32 if you used bfloat16")
+        raise TrainingDivergedError(
+            f"loss became {loss.item()} at step {step}; {where}. The last good checkpoint "
+            f"({out_path or CHECKPOINT}, if any) was kept; re-running resumes from it."
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    opt.step()
+    return out._replace(loss=loss)
 
 
 def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind: str, dict_size: int,
