@@ -1,0 +1,235 @@
+"""The caching driver: a model pair and a corpus -> an activation cache (DESIGN §2).
+
+The shard plan is a pure function of the corpus's token counts and `shard_tokens`, computed before any
+model runs, so a re-run finds the shards that are already complete (`CacheWriter.is_complete`) and
+skips them without computing them again. Within a shard, sequences are sorted by length and batched
+with right padding; both models run only up to block `layer`; BOS and padding are dropped; the rows
+are stored in corpus order (by sequence, then position), so the result does not depend on batching.
+Shards are written on the writer's background thread while the next shard is computed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossdiff_core.cache import CacheWriter
+from crossdiff_core.data import Corpus, DataConfig, TokenSequence, build_corpus, corpus_hash
+from crossdiff_core.errors import ConfigError
+from crossdiff_core.models import ModelPair, load_pair, torch_dtype
+
+DEFAULT_SHARD_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard `index` holds the cached tokens of sequences `[start, stop)` of the corpus: `rows` of them."""
+
+    index: int
+    start: int
+    stop: int
+    rows: int
+
+
+@dataclass
+class CacheRun:
+    """What a caching run did. `tokens_per_s` counts the tokens computed in this run (skipped shards excluded)."""
+
+    manifest: dict[str, Any]
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    tokens_computed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan_shards(n_cached: Sequence[int], shard_tokens: int) -> list[ShardPlan]:
+    """Cut sequences (with `n_cached` cached tokens each) into contiguous shards of >= `shard_tokens` rows.
+
+    A sequence never straddles two shards; only the last shard may be smaller.
+    """
+    if shard_tokens <= 0:
+        raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
+    plans: list[ShardPlan] = []
+    start, rows = 0, 0
+    for i, n in enumerate(n_cached):
+        rows += int(n)
+        if rows >= shard_tokens:
+            plans.append(ShardPlan(len(plans), start, i + 1, rows))
+            start, rows = i + 1, 0
+    if rows:
+        plans.append(ShardPlan(len(plans), start, len(n_cached), rows))
+    return plans
+
+
+def shard_slice(n_shards: int, index: int, n_slices: int) -> list[int]:
+    """Shard indices of slice `index` of `n_slices` (round-robin, so slices get equal work)."""
+    if not 0 <= index < n_slices:
+        raise ConfigError(f"slice {index} is not in 0..{n_slices - 1}: use 0 <= slice < slices")
+    return list(range(index, n_shards, n_slices))
+
+
+def code_version() -> dict[str, str]:
+    """Package version, and the git commit when the package runs from a git checkout."""
+    out = {"crossdiff": importlib.metadata.version("crossdiff")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        out["git_commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _shard_tokens_table(seqs: list[TokenSequence], first_sequence: int) -> dict[str, np.ndarray]:
+    """Token columns for a shard, rows in (sequence, position) order."""
+    counts = np.array([s.n_cached for s in seqs], dtype=np.int64)
+    return {
+        "sequence": np.repeat(np.arange(first_sequence, first_sequence + len(seqs), dtype=np.int64), counts),
+        "position": np.concatenate([np.flatnonzero(s.cached) for s in seqs]).astype(np.int32),
+        "token_id": np.concatenate([s.token_ids[s.cached] for s in seqs]).astype(np.int32),
+        "source": np.repeat(np.array([s.source for s in seqs], dtype=object), counts),
+        "is_template": np.concatenate([s.is_template[s.cached] for s in seqs]),
+        "is_assistant": np.concatenate([s.is_assistant[s.cached] for s in seqs]),
+    }
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded forward pass: `input_ids`, `attention_mask` `[B, T]` (right padding); `keep` `[B, T]`
+    marks the cached tokens (not BOS, not padding) and `rows` `[n_keep]` their rows in the shard."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: torch.Tensor
+    rows: torch.Tensor
+
+
+def shard_batches(seqs: list[TokenSequence], *, batch_size: int, pad_id: int) -> list[Batch]:
+    """Batches of `seqs`, longest first (little padding), with each cached token's row in the shard.
+
+    Shard rows are in (sequence, position) order, so the stored result does not depend on batching.
+    """
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    counts = np.array([s.n_cached for s in seqs], dtype=np.int64)
+    first_row = np.concatenate([[0], np.cumsum(counts)[:-1]])  # row of each sequence's first cached token
+    order = np.argsort(-lengths, kind="stable")
+    out = []
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = int(lengths[idx].max())
+        ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+        keep = np.zeros((len(idx), width), dtype=bool)
+        for j, i in enumerate(idx):  # one copy per sequence, not per token
+            ids[j, :lengths[i]] = seqs[i].token_ids
+            keep[j, :lengths[i]] = seqs[i].cached
+        attn = (np.arange(width)[None, :] < lengths[idx][:, None]).astype(np.int64)
+        rows = (first_row[idx][:, None] + np.cumsum(keep, axis=1) - 1)[keep]
+        out.append(Batch(torch.from_numpy(ids), torch.from_numpy(attn), torch.from_numpy(keep), torch.from_numpy(rows)))
+    return out
+
+
+def compute_shard(pair: ModelPair, seqs: list[TokenSequence], *, batch_size: int, out_dtype: torch.dtype,
+                  pad_id: int, on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-`pair.layer` activations of the cached tokens of `seqs`: base and chat, each `[rows, d]`.
+
+    Rows are in (sequence, position) order, on CPU, in `out_dtype`. Right padding: under causal attention
+    a real token never attends to the pads after it (the attention mask keeps that true for any
+    attention implementation), so padding does not change the cached values.
+    """
+    rows = sum(s.n_cached for s in seqs)
+    base_out = torch.empty((rows, pair.d_model), dtype=out_dtype)
+    chat_out = torch.empty((rows, pair.d_model), dtype=out_dtype)
+    for batch in shard_batches(seqs, batch_size=batch_size, pad_id=pad_id):
+        h_base, h_chat = pair.residuals(batch.input_ids, batch.attention_mask)  # [B, T, d] each
+        keep = batch.keep.to(h_base.device)
+        base_out.index_copy_(0, batch.rows, h_base[keep].to(out_dtype).cpu())
+        chat_out.index_copy_(0, batch.rows, h_chat[keep].to(out_dtype).cpu())
+        if on_batch is not None:
+            on_batch(len(batch.rows))
+    return base_out, chat_out
+
+
+def cache_activations(pair: ModelPair, corpus: Corpus, out_dir: str | os.PathLike, *, batch_size: int = 8,
+                      shard_tokens: int = DEFAULT_SHARD_TOKENS, cache_dtype: str = "bfloat16",
+                      progress: bool = True, on_shard: Callable[[int], None] | None = None,
+                      metadata: dict[str, Any] | None = None, shards: Sequence[int] | None = None,
+                      finalize: bool = True) -> CacheRun:
+    """Cache block-`pair.layer` activations of both models on every cached token of `corpus` into `out_dir`.
+
+    Resumable: complete shards of an earlier run with the same models, data and settings are kept.
+    `on_shard(i)` is called after shard `i` is handed to the writer (tests use it to interrupt a run).
+    `shards`: compute only these shard indices (one slice of a cache split across workers writing into
+    the same directory); `finalize=False` leaves tokens.parquet and the manifest to a later run (then
+    `manifest` is empty). A run with `shards=[]` and `finalize=True` merges the slices.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if not corpus.sequences:
+        raise ConfigError("the corpus is empty: give data sources with some text or chats")
+    plans = plan_shards([s.n_cached for s in corpus.sequences], shard_tokens)
+    meta = {**pair.metadata(), **corpus.metadata(), "code_version": code_version(),
+            "cache": {"shard_tokens": shard_tokens}, **(metadata or {})}
+    meta["data"]["corpus_sha256"] = corpus_hash(corpus)
+    tok = pair.tokenizer
+    pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+    out_dtype = torch_dtype(cache_dtype)
+    run = CacheRun(manifest={})
+    with CacheWriter(out_dir, d_model=pair.d_model, layer=pair.layer, dtype=cache_dtype, metadata=meta) as writer:
+        n_plans = len(plans)
+        if shards is not None:
+            wanted = {int(i) for i in shards}
+            if not wanted <= set(range(n_plans)):
+                raise ConfigError(f"shard indices {sorted(wanted - set(range(n_plans)))} are outside the plan's "
+                                  f"{n_plans} shards: slice with `shard_slice(n_shards, i, n)`")
+            plans = [p for p in plans if p.index in wanted]
+        done = [writer.is_complete(p.index) for p in plans]
+        total = sum(p.rows for p in plans)
+        skipped_rows = sum(p.rows for p, d in zip(plans, done) if d)
+        bar = tqdm(total=total, initial=skipped_rows, unit="tok", unit_scale=True, desc="caching",
+                   disable=not progress, smoothing=0.1)
+        t0 = time.perf_counter()
+        try:
+            for plan, complete in zip(plans, done):
+                if complete:
+                    run.skipped.append(plan.index)
+                    continue
+                seqs = corpus.sequences[plan.start:plan.stop]
+                base, chat = compute_shard(pair, seqs, batch_size=batch_size, out_dtype=out_dtype, pad_id=pad_id,
+                                           on_batch=bar.update)
+                writer.write_shard(plan.index, base, chat, _shard_tokens_table(seqs, plan.start), background=True)
+                run.computed.append(plan.index)
+                run.tokens_computed += plan.rows
+                if on_shard is not None:
+                    on_shard(plan.index)
+            if finalize:
+                run.manifest = writer.finalize(n_plans)
+        finally:
+            bar.close()
+        run.seconds = time.perf_counter() - t0
+    return run
+
+
+def run_cache(base: str, chat: str, out_dir: str | os.PathLike, data: DataConfig, *, layer: int,
+              dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
+              shard_tokens: int = DEFAULT_SHARD_TOKENS, cache_dtype: str = "bfloat16",
+              progress: bool = True) -> CacheRun:
+    """Load and check the pair, build the corpus, cache: what `crossdiff cache` and the cache task run."""
+    pair = load_pair(base, chat, layer=layer, dtype=dtype, device=device)
+    corpus = build_corpus(pair.tokenizer, data)
+    return cache_activations(pair, corpus, out_dir, batch_size=batch_size, shard_tokens=shard_tokens,
+                             cache_dtype=cache_dtype, progress=progress)

@@ -1,0 +1,225 @@
+"""The caching driver and `crossdiff cache` (crossdiff_core.caching)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from crossdiff_core.cache import ActivationCache
+from crossdiff_core.caching import cache_activations, plan_shards, shard_slice
+from crossdiff_core.data import DataConfig, build_corpus
+from crossdiff_core.errors import CacheError, ConfigError
+from crossdiff_core.models import load_pair
+from tests.test_models import make_pair_dirs
+
+LAYER = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: a second torch thread only adds contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cachedata")
+    rng = np.random.default_rng(0)
+    words = ["the", "user", "asked", "a", "question", "about", "weather", "sunny", "world", "hello", "é"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 30))) for _ in range(30)]
+    pd.DataFrame({"text": texts}).to_parquet(root / "text.parquet")
+    with open(root / "chats.jsonl", "w") as f:
+        for _ in range(20):
+            conv = [{"role": "user", "content": " ".join(rng.choice(words, size=rng.integers(1, 6)))},
+                    {"role": "assistant", "content": " ".join(rng.choice(words, size=rng.integers(1, 8)))}]
+            f.write(json.dumps({"messages": conv}) + "\n")
+    return root
+
+
+def _config(files, n_tokens=1200):
+    return DataConfig(text=str(files / "text.parquet"), chats=str(files / "chats.jsonl"), n_tokens=n_tokens,
+                      max_length=64, text_fraction=0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    base, chat, _ = make_pair_dirs(tmp_path_factory.mktemp("models"), "llama")
+    return load_pair(base, chat, layer=LAYER, dtype="float32")
+
+
+def test_plan_shards_hand_computed():
+    plans = plan_shards([3, 5, 2, 7, 1], 6)
+    assert [(p.index, p.start, p.stop, p.rows) for p in plans] == [(0, 0, 2, 8), (1, 2, 4, 9), (2, 4, 5, 1)]
+    assert [(p.start, p.stop, p.rows) for p in plan_shards([6, 6], 6)] == [(0, 1, 6), (1, 2, 6)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_cached_activations_equal_output_hidden_states(tmp_path, data_files, arch):
+    base_dir, chat_dir, _ = make_pair_dirs(tmp_path, arch)
+    pair = load_pair(base_dir, chat_dir, layer=LAYER, dtype="float32")
+    corpus = build_corpus(pair.tokenizer, _config(data_files, 600))
+    run = cache_activations(pair, corpus, tmp_path / "cache", batch_size=4, shard_tokens=150, progress=False)
+    assert len(run.computed) == len(run.manifest["shards"]) >= 4 and run.skipped == []
+
+    cache = ActivationCache(tmp_path / "cache", verify="full")
+    tokens = cache.tokens().to_pandas()
+    rows = cache.read_rows(0, cache.n_tokens, dtype=torch.bfloat16)  # [n, 2, d]
+    assert cache.n_tokens == len(tokens) == 600 and cache.layer == LAYER and cache.d_model == 32
+    for s, seq in enumerate(corpus.sequences):
+        mine = np.flatnonzero(tokens["sequence"].to_numpy() == s)
+        ids = torch.from_numpy(seq.token_ids)[None]
+        positions = np.flatnonzero(seq.cached)
+        np.testing.assert_array_equal(tokens["position"].to_numpy()[mine], positions)
+        np.testing.assert_array_equal(tokens["token_id"].to_numpy()[mine], seq.token_ids[positions])
+        assert (tokens["source"].to_numpy()[mine] == seq.source).all()
+        assert seq.token_ids[0] == pair.tokenizer.bos_token_id and positions[0] == 1  # BOS never cached
+        for m, model in enumerate((pair.base, pair.chat)):  # unpadded, full forward, one sequence at a time
+            with torch.no_grad():
+                ref = model(ids, output_hidden_states=True).hidden_states[LAYER + 1][0, positions]
+            torch.testing.assert_close(rows[mine, m], ref.to(torch.bfloat16))
+    # the padding id never reaches the cache, and every chat's template mask is stored
+    assert (tokens["token_id"] != pair.tokenizer.pad_token_id).all()
+    assert tokens.loc[tokens["source"] == "chat", "is_template"].any()
+    assert not tokens.loc[tokens["source"] == "text", ["is_template", "is_assistant"]].to_numpy().any()
+
+
+def test_manifest_metadata(tmp_path, data_files, llama_pair):
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files, 300))
+    m = cache_activations(llama_pair, corpus, tmp_path / "c", shard_tokens=100, progress=False).manifest
+    assert m["layer"] == LAYER and m["d_model"] == 32 and m["n_tokens"] == 300 and m["dtype"] == "bfloat16"
+    assert m["models"]["base"] == llama_pair.base_name and m["models"]["chat"] == llama_pair.chat_name
+    assert m["chat_template"] == llama_pair.tokenizer.chat_template and len(m["tokenizer_hash"]) == 64
+    assert [s["source"] for s in m["data"]["sources"]] == [str(data_files / "text.parquet"),
+                                                          str(data_files / "chats.jsonl")]
+    assert m["data"]["tokens"] == {"text": 150, "chat": 150}
+    assert "crossdiff" in m["code_version"] and m["cache"]["shard_tokens"] == 100
+
+
+def test_interrupted_run_resumes_to_the_same_cache(tmp_path, data_files, llama_pair):
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files))
+    kw = dict(batch_size=3, shard_tokens=200, progress=False)
+    full = cache_activations(llama_pair, corpus, tmp_path / "full", **kw)
+    n_shards = len(full.manifest["shards"])
+    assert n_shards >= 5
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_2(i):
+        if i == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        cache_activations(llama_pair, corpus, tmp_path / "resumed", on_shard=kill_after_2, **kw)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    shard0 = tmp_path / "resumed" / full.manifest["shards"][0]["file"]
+    mtime0 = shard0.stat().st_mtime_ns
+
+    resumed = cache_activations(llama_pair, corpus, tmp_path / "resumed", **kw)
+    assert resumed.skipped == [0, 1, 2] and resumed.computed == list(range(3, n_shards))
+    assert shard0.stat().st_mtime_ns == mtime0  # not rewritten
+    assert resumed.manifest == full.manifest
+    for name in ("manifest.json", "tokens.parquet"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+    again = cache_activations(llama_pair, corpus, tmp_path / "resumed", **kw)  # nothing left to do
+    assert again.computed == [] and again.manifest == full.manifest
+
+
+KILL_SCRIPT = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+from crossdiff_core.caching import cache_activations
+from crossdiff_core.data import DataConfig, build_corpus
+from crossdiff_core.errors import CacheError, ConfigError
+from crossdiff_core.models import load_pair
+base, chat, out, text, chats = sys.argv[1:]
+pair = load_pair(base, chat, layer=1, dtype="float32")
+corpus = build_corpus(pair.tokenizer, DataConfig(text=text, chats=chats, n_tokens=1200, max_length=64, seed=0))
+def die(i):
+    if i == 2:
+        os._exit(9)  # like SIGKILL: no cleanup, background writes die mid-flight
+cache_activations(pair, corpus, out, batch_size=3, shard_tokens=200, progress=False, on_shard=die)
+"""
+
+
+def test_slices_into_one_directory_then_merge(tmp_path, data_files, llama_pair):
+    assert shard_slice(7, 1, 3) == [1, 4] and shard_slice(2, 2, 3) == []
+    with pytest.raises(ConfigError, match="slice 3"):
+        shard_slice(7, 3, 3)
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files))
+    kw = dict(batch_size=3, shard_tokens=200, progress=False)
+    full = cache_activations(llama_pair, corpus, tmp_path / "full", **kw)
+    n = len(full.manifest["shards"])
+    out = tmp_path / "sliced"
+    first = cache_activations(llama_pair, corpus, out, shards=shard_slice(n, 0, 2), finalize=False, **kw)
+    assert first.computed == list(range(0, n, 2)) and first.manifest == {}
+    with pytest.raises(CacheError, match="missing or incomplete"):  # slice 1 not done yet
+        cache_activations(llama_pair, corpus, out, shards=[], **kw)
+    cache_activations(llama_pair, corpus, out, shards=shard_slice(n, 1, 2), finalize=False, **kw)
+    merged = cache_activations(llama_pair, corpus, out, shards=[], **kw)
+    assert merged.computed == [] and merged.manifest == full.manifest
+    with pytest.raises(ConfigError, match="outside the plan"):
+        cache_activations(llama_pair, corpus, out, shards=[n], **kw)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s, more on a busy machine
+def test_hard_killed_process_resumes_to_the_same_cache(tmp_path, data_files, llama_pair):
+    import subprocess
+    import sys
+
+    kw = dict(batch_size=3, shard_tokens=200, progress=False)
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files))
+    full = cache_activations(llama_pair, corpus, tmp_path / "full", **kw)
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, llama_pair.base_name, llama_pair.chat_name, str(out),
+                           str(data_files / "text.parquet"), str(data_files / "chats.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    assert not (out / "manifest.json").exists()
+    resumed = cache_activations(llama_pair, corpus, out, **kw)
+    # shard 0 was certainly finished (at most 2 writes are in flight); the others may or may not be
+    n_shards = len(full.manifest["shards"])
+    assert resumed.skipped[:1] == [0] and sorted(resumed.skipped + resumed.computed) == list(range(n_shards))
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "full" / "manifest.json").read_bytes()
+    assert (out / "tokens.parquet").read_bytes() == (tmp_path / "full" / "tokens.parquet").read_bytes()
+
+
+def test_changed_settings_do_not_reuse_shards(tmp_path, data_files, llama_pair):
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files, 300))
+    cache_activations(llama_pair, corpus, tmp_path / "c", shard_tokens=100, progress=False)
+    other = build_corpus(llama_pair.tokenizer, DataConfig(**{**_config(data_files, 300).to_dict(), "seed": 1}))
+    run = cache_activations(llama_pair, other, tmp_path / "c", shard_tokens=100, progress=False)
+    assert run.skipped == [] and run.manifest["data"]["config"]["seed"] == 1
+
+
+def test_cli_cache(tmp_path, data_files):
+    from typer.testing import CliRunner
+
+    from crossdiff_core.cli import app
+
+    base_dir, chat_dir, _ = make_pair_dirs(tmp_path, "llama")
+    out = tmp_path / "cli-cache"
+    result = CliRunner().invoke(app, [
+        "cache", "--base", base_dir, "--chat", chat_dir, "--layer", "2", "--out", str(out),
+        "--text", str(data_files / "text.parquet"), "--chats", str(data_files / "chats.jsonl"),
+        "--tokens", "400", "--max-length", "32", "--dtype", "float32", "--text-fraction", "0.25",
+        "--batch-size", "4", "--shard-tokens", "128", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cache = ActivationCache(out)
+    assert cache.n_tokens == 400 and cache.layer == 2
+    assert cache.manifest["data"]["tokens"] == {"text": 100, "chat": 300}
+    summary = json.loads(result.stdout)
+    assert summary["n_tokens"] == 400 and summary["computed"] == summary["shards"] >= 3
+
+    bad = CliRunner().invoke(app, ["cache", "--base", base_dir, "--chat", chat_dir, "--layer", "9", "--out",
+                                   str(tmp_path / "x"), "--text", str(data_files / "text.parquet")])
+    assert bad.exit_code != 0 and "layer 9 does not exist" in bad.output
