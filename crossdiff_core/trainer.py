@@ -88,7 +88,13 @@ def split_rows(n_tokens: int, val_tokens: int) -> tuple[int, int]:
 
 
 class Trainer:
-    """Trains ``model`` on ``cache`` (an :class:`~crossdiff_core.cache.ActivationCache`), writing to ``out_dir``."""
+    """Trains ``model`` on ``cache`` (an :class:`~crossdiff_core.cache.ActivationCache`), writing to ``out_dir``.
+
+    Data-parallel training (:class:`crossdiff_core.distributed.DistributedTrainer`) overrides the hooks
+    ``_batches``, ``_optimise``, ``_note_fired`` and ``save_checkpoint``.
+    """
+
+    is_main = True  # the process that writes files and reports metrics
 
     def __init__(self, model: CrossCoder, cache, cfg: TrainConfig, out_dir: str | os.PathLike,
                  on_metrics: Callable[[int, dict], None] | None = None):
@@ -196,12 +202,10 @@ class Trainer:
                 g["lr"] = cfg.lr * lrf
             dead = self.since_fired >= self.dead_after if model.cfg.kind == "batchtopk" else None
             l1 = model.cfg.l1_coeff * l1_factor(self.step, steps, cfg.l1_warmup_frac)
-            out = optimisation_step(model, self.opt, x, l1_coeff=l1, dead=dead, grad_clip=cfg.grad_clip,
-                                    compute_dtype=self.compute_dtype, step=self.step, out_path=self.out / CHECKPOINT)
+            out = self._optimise(x, l1_coeff=l1, dead=dead)
             loss = out.loss
             with torch.no_grad():
-                self.since_fired += x.shape[0]
-                self.since_fired[out.fired] = 0
+                self._note_fired(out.fired, x.shape[0])
                 if model.cfg.kind == "batchtopk" and self.step >= warm_steps:
                     v = out.min_kept_score.float()
                     thr = model.threshold
@@ -228,14 +232,24 @@ class Trainer:
         return {"final": final, "history": self.history, "steps": steps,
                 "tokens_per_second": (steps * cfg.batch_size - tokens0) / max(elapsed, 1e-9)}
 
+    def _optimise(self, x: torch.Tensor, *, l1_coeff: float, dead: torch.Tensor | None):
+        return optimisation_step(self.model, self.opt, x, l1_coeff=l1_coeff, dead=dead, grad_clip=self.cfg.grad_clip,
+                                 compute_dtype=self.compute_dtype, step=self.step, out_path=self.out / CHECKPOINT)
+
+    def _note_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Dead-latent counters: ``n_tokens`` more tokens seen, reset for the ``fired [F]`` latents."""
+        self.since_fired += n_tokens
+        self.since_fired[fired] = 0
+
 
 def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Tensor, *, l1_coeff: float,
                       dead: torch.Tensor | None, grad_clip: float, compute_dtype: torch.dtype | None,
-                      step: int = 0, out_path: Path | None = None):
+                      step: int = 0, out_path: Path | None = None, loss_fn: Callable | None = None):
     """One Adam step on ``x [batch, 2, d]``: loss (autocast to ``compute_dtype``), NaN guard, backward,
-    clipping. Returns the :class:`~crossdiff_core.crosscoder.LossOutput` (loss as float32)."""
+    clipping. Returns the :class:`~crossdiff_core.crosscoder.LossOutput` (loss as float32).
+    ``loss_fn`` (default ``model.loss``) lets a DistributedDataParallel wrapper compute the loss."""
     with _autocast(x.device, compute_dtype):
-        out = model.loss(x, l1_coeff=l1_coeff, dead=dead)
+        out = (loss_fn or model.loss)(x, l1_coeff=l1_coeff, dead=dead)
     loss = out.loss.float()
     if not torch.isfinite(loss):
         bad_input = not bool(torch.isfinite(x).all())
@@ -256,9 +270,10 @@ def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Te
 
 def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind: str, dict_size: int,
                      k: int | None = None, l1_coeff: float = 0.0, train: TrainConfig,
-                     model_overrides: dict | None = None, on_metrics=None) -> dict:
+                     model_overrides: dict | None = None, on_metrics=None, trainer_cls=Trainer) -> dict:
     """Train a crosscoder on the cache at ``cache_dir``; writes the crosscoder directory (DESIGN §2),
-    ``metrics.json`` and ``checkpoint.pt`` into ``out_dir``. Resumes from the checkpoint if present."""
+    ``metrics.json`` and ``checkpoint.pt`` into ``out_dir``. Resumes from the checkpoint if present.
+    ``trainer_cls``: a :class:`Trainer` factory (data-parallel training passes its own)."""
     from .cache import ActivationCache
 
     cache = ActivationCache(cache_dir)
@@ -267,12 +282,14 @@ def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                            cache_manifest_hash=cache.manifest_hash, **(model_overrides or {}))
     torch.manual_seed(train.seed)
     model = CrossCoder(cfg, scales=cache.scales(), device=train.device, seed=train.seed)
-    trainer = Trainer(model, cache, train, out_dir, on_metrics=on_metrics)
+    trainer = trainer_cls(model, cache, train, out_dir, on_metrics=on_metrics)
     trainer.try_resume()
     result = trainer.train()
-    model.save(out_dir)
     metrics = {"kind": kind, "dict_size": dict_size, "k": k, "l1_coeff": l1_coeff, **result["final"],
                "tokens_per_second": result["tokens_per_second"]}
+    if not trainer.is_main:
+        return metrics
+    model.save(out_dir)
     _atomic(Path(out_dir) / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2) + "\n"))
     _atomic(Path(out_dir) / "history.json",
             lambda p: Path(p).write_text(json.dumps(result["history"], indent=2) + "\n"))

@@ -1,0 +1,148 @@
+"""Planted-feature recovery: L1 vs BatchTopK crosscoders at matched L0 on synthetic data.
+
+Writes a `crossdiff synth` cache (d=64, 320 planted features in five classes), trains a BatchTopK and
+an L1 crosscoder on it with the project's trainer, and scores both against the planted truth:
+FVE, L0, dead fraction, recovery per planted class (a decoder row with cosine > 0.9), and the confusion
+of planted class vs Δnorm class of the matched latent. The paper's effect (Complete Shrinkage): L1
+labels many weakly-shared features (base at 0.2–0.5 of chat) chat-only; BatchTopK does not.
+
+    python bench/synthetic_recovery.py                 # the BENCHMARKS.md run
+    python bench/synthetic_recovery.py --search        # also search λ so that L1's L0 matches BatchTopK's
+    python bench/synthetic_recovery.py --quick         # smaller, to check it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from crossdiff_core.crosscoder import CrossCoder
+from crossdiff_core.decoder_norms import CLASSES
+from crossdiff_core.synthetic import PLANTED_CLASSES, SyntheticConfig, load_truth, score, write_cache
+from crossdiff_core.trainer import TrainConfig, train_crosscoder
+
+SHORT = {"shared": "shared", "chat_only": "chat-only", "base_only": "base-only", "weakly_shared": "weak",
+         "changed_direction": "changed", "other": "other"}
+
+
+def train_and_score(cache: Path, out: Path, truth, *, kind: str, dict_size: int, k: int | None, l1_coeff: float,
+                    tc: TrainConfig) -> dict:
+    t0 = time.perf_counter()
+    m = train_crosscoder(cache, out, kind=kind, dict_size=dict_size, k=k, l1_coeff=l1_coeff, train=tc)
+    secs = time.perf_counter() - t0
+    s = score(CrossCoder.load(out), truth)
+    s.pop("matches")
+    return {"kind": kind, "k": k, "l1_coeff": l1_coeff, "fve_base": m["fve_base"], "fve_chat": m["fve_chat"],
+            "l0": m["l0"], "dead_fraction": m["dead_fraction"], "seconds": secs, **s}
+
+
+def search_lambda(cache: Path, work: Path, *, target_l0: float, dict_size: int, tc: TrainConfig,
+                  lams: list[float]) -> tuple[float, list[tuple[float, float]]]:
+    """Short L1 runs at each λ; interpolate log λ linearly in log L0 to hit ``target_l0``."""
+    pts = []
+    for i, lam in enumerate(lams):
+        m = train_crosscoder(cache, work / f"search-{i}", kind="l1", dict_size=dict_size, l1_coeff=lam, train=tc)
+        pts.append((lam, m["l0"]))
+        print(f"  λ search: λ={lam:g} -> L0 {m['l0']:.1f}", flush=True)
+    pts.sort()
+    x = [math.log(p[0]) for p in pts]
+    y = [math.log(p[1]) for p in pts]
+    t = math.log(target_l0)
+    for (x0, y0), (x1, y1) in zip(zip(x, y), zip(x[1:], y[1:])):
+        if min(y0, y1) <= t <= max(y0, y1) and y0 != y1:
+            return math.exp(x0 + (t - y0) * (x1 - x0) / (y1 - y0)), pts
+    # outside the bracket: extrapolate from the nearest two
+    (x0, y0), (x1, y1) = ((x[0], y[0]), (x[1], y[1])) if t > max(y) else ((x[-2], y[-2]), (x[-1], y[-1]))
+    return math.exp(x0 + (t - y0) * (x1 - x0) / (y1 - y0)), pts
+
+
+def print_table(results: list[dict]) -> None:
+    print()
+    print(f"{'':26s}" + "".join(f"{r['kind'] + (' λ=' + format(r['l1_coeff'], '.3g') if r['kind'] == 'l1' else ' k=' + str(r['k'])):>18s}" for r in results))
+    rows = [("FVE base", "fve_base", "{:.3f}"), ("FVE chat", "fve_chat", "{:.3f}"), ("L0", "l0", "{:.1f}"),
+            ("dead fraction", "dead_fraction", "{:.3f}"), ("train seconds", "seconds", "{:.0f}")]
+    for label, key, fmt in rows:
+        print(f"{label:26s}" + "".join(f"{fmt.format(r[key]):>18s}" for r in results))
+    for c in PLANTED_CLASSES + ("overall",):
+        print(f"{'recovery ' + SHORT.get(c, c):26s}" + "".join(f"{r['recovery'][c]:>18.3f}" for r in results))
+    print(f"{'weak labelled chat-only':26s}" + "".join(
+        f"{r['confusion']['weakly_shared']['chat_only']:>11d} / {sum(r['confusion']['weakly_shared'].values()):<4d}"
+        for r in results))
+    print(f"{'weak mean Δnorm':26s}" + "".join(f"{r['mean_delta_norm']['weakly_shared']:>18.3f}" for r in results))
+    for r in results:
+        name = r["kind"] + (f" (λ={r['l1_coeff']:.3g})" if r["kind"] == "l1" else f" (k={r['k']})")
+        print(f"\nconfusion, {name}: planted class (rows) x Δnorm class of the matched latent (recovered features)")
+        print(f"{'':12s}" + "".join(f"{SHORT[c]:>11s}" for c in CLASSES))
+        for c in PLANTED_CLASSES:
+            print(f"{SHORT[c]:12s}" + "".join(f"{r['confusion'][c][d]:>11d}" for d in CLASSES))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-tokens", type=int, default=200_000, help="synthetic tokens in the cache")
+    ap.add_argument("--train-tokens", type=int, default=1_500_000, help="training tokens per crosscoder")
+    ap.add_argument("--dict-size", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=8, help="BatchTopK k (the planted data has 8 active features per token)")
+    ap.add_argument("--l1-coeff", type=float, default=None, help="L1 λ (default: the documented value, or --search)")
+    ap.add_argument("--search", action="store_true", help="search λ with short runs so that L1's L0 ≈ BatchTopK's L0")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    ap.add_argument("--work", default=None, help="keep the cache and crosscoders here (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.quick:
+        a.n_tokens, a.train_tokens = 40_000, 100_000
+    lam_default = 4.0  # gives L0 ≈ 8 with the default sizes (see BENCHMARKS.md); --search re-derives it
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="synth-bench-") as tmp:
+        work = Path(a.work or tmp)
+        cache = work / "cache"
+        t0 = time.perf_counter()
+        cfg = SyntheticConfig(n_tokens=a.n_tokens, seed=a.seed)
+        write_cache(cfg, cache)
+        truth = load_truth(cache)
+        print(f"synthetic cache: {a.n_tokens:,} tokens, d={cfg.d_model}, planted {cfg.counts} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+        tc = TrainConfig(tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, val_every=0,
+                         checkpoint_every=0, dead_tokens=100_000, progress=False)
+        results = [train_and_score(cache, work / "batchtopk", truth, kind="batchtopk", dict_size=a.dict_size, k=a.k,
+                                   l1_coeff=0.0, tc=tc)]
+        print(f"batchtopk done: L0 {results[0]['l0']:.2f} ({results[0]['seconds']:.0f} s)", flush=True)
+
+        lam = a.l1_coeff if a.l1_coeff is not None else lam_default
+        if a.search:
+            short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 4)})
+            lam, pts = search_lambda(cache, work, target_l0=results[0]["l0"], dict_size=a.dict_size, tc=short,
+                                     lams=[lam / 2, lam, lam * 2])
+            print(f"  λ search picked λ={lam:.3g} for target L0 {results[0]['l0']:.2f}", flush=True)
+        results.append(train_and_score(cache, work / "l1", truth, kind="l1", dict_size=a.dict_size, k=None,
+                                       l1_coeff=lam, tc=tc))
+        print(f"l1 done: L0 {results[1]['l0']:.2f} ({results[1]['seconds']:.0f} s)", flush=True)
+
+    print_table(results)
+    total = time.perf_counter() - t_start
+    print(f"\nL0 ratio L1/BatchTopK: {results[1]['l0'] / results[0]['l0']:.2f}; "
+          f"weakly-shared labelled chat-only: L1 {results[1]['chat_only_share']['weakly_shared']:.0%}, "
+          f"BatchTopK {results[0]['chat_only_share']['weakly_shared']:.0%}")
+    print(f"total time {total:.0f} s on {torch.get_num_threads()} threads "
+          f"({a.train_tokens:,} training tokens per crosscoder, F={a.dict_size}, batch {a.batch_size})")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results, "total_seconds": total}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Steering with crosscoder latents (DESIGN §1 "Steering") and, for a pair with planted behaviours,
+which latents track them.
+
+Steering adds ``a · max_act_j · d_j^c`` to block ``L``'s output at every position while the model
+generates (base or chat model), for a sweep of ``a``. ``d_j^c`` is the latent's chat decoder row in the
+steered model's own units (``s_m · W_dec[1, j]``), ``max_act_j`` its largest code value (``latents.parquet``).
+Per latent, model and ``a`` we record greedy generations, ``KL(p_unsteered || p_steered)`` of the
+next-token distributions on the prompts (teacher-forced; mean over prompt tokens, and at the last prompt
+position, where the answer starts), and, with a ground truth of planted behaviours, each behaviour's
+rate as :func:`crossdiff_core.toy_models.measure_behaviours` measures it.
+
+Behaviour tracking: each latent's largest activation over a prompt, compared between the prompts that
+trigger a behaviour and the others by AUROC (1 = fires more on every trigger prompt than on any other).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .crosscoder import CrossCoder
+from .decoder_norms import CHAT_ONLY, SHARED
+from .errors import ConfigError, CrossdiffError
+from .models import ModelPair, decoder_layers
+
+DEFAULT_ALPHAS = (-0.5, 0.5, 1.0, 1.5)
+MODELS = ("base", "chat")
+
+
+def steering_vectors(cc: CrossCoder, latents: Sequence[int], max_act: Sequence[float], *, model: str) -> torch.Tensor:
+    """``max_act_j · s_m · W_dec[1, j]`` for each latent: ``[K, d]`` float32, in model ``m``'s units
+    (``model``: ``"base"`` or ``"chat"``, the model that is steered)."""
+    if model not in MODELS:
+        raise ConfigError(f"model must be 'base' or 'chat', got {model!r}")
+    idx = torch.as_tensor(np.asarray(latents, dtype=np.int64), device=cc.W_dec.device)
+    m = torch.as_tensor(np.asarray(max_act, dtype=np.float32), device=cc.W_dec.device)
+    if not torch.all(torch.isfinite(m)):
+        raise CrossdiffError(f"latents {np.asarray(latents)[~np.isfinite(np.asarray(max_act, dtype=float))].tolist()} "
+                             "never fired (max_act is NaN): they cannot be steered; pick latents that fire")
+    s = cc.scales[MODELS.index(model)].float()
+    return m[:, None] * s * cc.W_dec.detach()[1, idx].float()
+
+
+@contextmanager
+def steering(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[None]:
+    """Add ``vector`` (``[d]``, or ``[batch, 1, d]`` one per row) to block ``layer``'s output at every
+    position, for every forward pass inside the ``with`` (generation included)."""
+    def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + vector.to(device=h.device, dtype=h.dtype)
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---- generation and KL ------------------------------------------------------------------------------
+
+def _render(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the tokenizer has no chat template: steering prompts are rendered as chats; "
+                          "use the chat model's tokenizer")
+    return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True)["input_ids"]) for p in prompts]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.as_tensor(r)
+        mask[i, T - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+@torch.inference_mode()
+def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 20,
+                   batch_size: int = 64) -> list[str]:
+    """Greedy answers to single-turn user ``prompts`` (chat template, left padding), any hooks active.
+    Stops at the model's end-of-sequence tokens (its generation config, else the tokenizer's)."""
+    device = next(model.parameters()).device
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    rows, out = _render(tokenizer, prompts), []
+    pad = _pad_id(tokenizer)
+    for a in range(0, len(rows), batch_size):
+        ids, mask = _left_pad(rows[a:a + batch_size], pad, device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=list(eos_set) or None, pad_token_id=pad)
+        for r in gen[:, ids.shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(r) if t in eos_set), len(r))
+            out.append(tokenizer.decode(r[:cut], skip_special_tokens=True))
+    return out
+
+
+@torch.inference_mode()
+def steering_kl(model: nn.Module, tokenizer: Any, prompts: Sequence[str], layer: int, vectors: torch.Tensor, *,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``KL(p_unsteered || p_steered)`` for each steering vector ``vectors [A, d]`` on the rendered prompts:
+    (mean over every prompt token, at the last prompt position), each ``[A]`` float64.
+
+    Per chunk of prompts, one forward pass holds the unsteered copy and one steered copy per vector."""
+    device = next(model.parameters()).device
+    A, d = vectors.shape
+    rows, pad = _render(tokenizer, prompts), _pad_id(tokenizer)
+    sums, lasts, n_tok = np.zeros(A), np.zeros(A), 0
+    per = max(1, batch_size // (A + 1))
+    for a in range(0, len(rows), per):
+        ids, mask = _left_pad(rows[a:a + per], pad, device)
+        B = ids.shape[0]
+        vec = torch.cat([torch.zeros(1, d, device=vectors.device), vectors]).repeat_interleave(B, 0)[:, None, :]
+        with steering(model, layer, vec):
+            logits = model(input_ids=ids.repeat(A + 1, 1), attention_mask=mask.repeat(A + 1, 1), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), -1).view(A + 1, B, ids.shape[1], -1)
+        kl = (logp[0].exp() * (logp[0] - logp[1:])).sum(-1).clamp_min(0.0)  # [A, B, T]
+        m = mask.bool()
+        sums += kl[:, m].sum(-1).double().cpu().numpy()
+        lasts += kl[:, :, -1].sum(-1).double().cpu().numpy()  # left padding: the last position is real
+        n_tok += int(m.sum())
+    return sums / max(1, n_tok), lasts / max(1, len(rows))
+
+
+# ---- behaviour tracking --------------------------------------------------------------------------
+
+@torch.inference_mode()
+def prompt_max_activations(pair: ModelPair, cc: CrossCoder, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    """Each latent's largest code value over each rendered prompt (BOS excluded): ``[P, F]`` float32."""
+    rows, pad = _render(pair.tokenizer, prompts), _pad_id(pair.tokenizer)
+    F = cc.cfg.dict_size
+    out = torch.zeros(len(rows), F, dtype=torch.float32, device=cc.W_dec.device)
+    bos = pair.tokenizer.bos_token_id
+    for a in range(0, len(rows), batch_size):
+        chunk = rows[a:a + batch_size]
+        T = max(map(len, chunk))  # right padding here: positions match the cached ones
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        attn = torch.zeros(len(chunk), T, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.as_tensor(r)
+            attn[i, :len(r)] = 1
+        h_b, h_c = pair.residuals(ids, attn)
+        m = (attn.bool() & (ids != bos) if bos is not None else attn.bool()).to(h_b.device)
+        x = torch.stack([h_b[m], h_c[m]], 1).to(device=cc.W_dec.device, dtype=torch.float32)
+        codes = cc.eval().encode_sparse(x, batch_topk=False)
+        prompt_of = torch.nonzero(m)[:, 0].to(codes.rows.device)[codes.rows] + a
+        flat = out.view(-1)
+        flat.scatter_reduce_(0, prompt_of * F + codes.latents, codes.values.float(), reduce="amax")
+    return out
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """AUROC of ``scores [P, F]`` for the ``positive [P]`` rows against the rest, per column (ties count
+    half, via mid-ranks): ``[F]``; NaN when either side is empty."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, dtype=bool)
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return np.full(scores.shape[1], np.nan)
+    r = rankdata(scores, axis=0)
+    return (r[pos].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def behaviour_tracking(pair: ModelPair, cc: CrossCoder, ground_truth: dict, prompts: Sequence[dict] | None = None,
+                       *, batch_size: int = 64) -> pd.DataFrame:
+    """Per latent and planted behaviour: AUROC of the latent's prompt-max activation for the prompts that
+    trigger the behaviour (``expected``) against all others, and its mean prompt-max activation on each side.
+    Columns: ``latent``, then ``auroc_<b>``, ``mean_act_<b>``, ``mean_act_not_<b>`` per behaviour ``b``."""
+    prompts = list(prompts if prompts is not None else ground_truth["eval_prompts"])
+    acts = prompt_max_activations(pair, cc, [p["text"] for p in prompts], batch_size=batch_size).cpu().numpy()
+    expected = np.array([p.get("expected") or "" for p in prompts])
+    cols: dict[str, np.ndarray] = {"latent": np.arange(acts.shape[1], dtype=np.int64)}
+    for b in ground_truth["behaviours"]:
+        pos = expected == b["name"]
+        cols[f"auroc_{b['name']}"] = auroc(acts, pos)
+        cols[f"mean_act_{b['name']}"] = acts[pos].mean(0) if pos.any() else np.full(acts.shape[1], np.nan)
+        cols[f"mean_act_not_{b['name']}"] = acts[~pos].mean(0) if (~pos).any() else np.full(acts.shape[1], np.nan)
+    return pd.DataFrame(cols)
+
+
+def select_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tracking: pd.DataFrame | None = None,
+                   n_tracking: int = 4, seed: int = 0) -> list[int]:
+    """Latents to steer: the ``n_top`` most chat-specific chat-only latents (lowest ν rank), the
+    ``n_tracking`` chat-only latents not yet chosen with the highest AUROC for each tracked behaviour
+    (``tracking``: :func:`behaviour_tracking`), and ``n_shared``
+    random shared latents (controls). Only latents that fired (finite ``max_act``)."""
+    fired = table[np.isfinite(table["max_act"].to_numpy(dtype=float))]
+    co = fired[fired["class"] == CHAT_ONLY]
+    t = co.assign(_nan=co["nu_rank"].isna()).sort_values(["_nan", "nu_rank", "latent"], kind="stable")
+    out = list(t["latent"].head(n_top))
+    if tracking is not None:
+        tr = tracking[tracking["latent"].isin(co["latent"])]
+        for col in [c for c in tracking.columns if c.startswith("auroc_")]:
+            best = tr[~tr["latent"].isin(out)].sort_values([col, "latent"], ascending=[False, True], kind="stable",
+                                                           na_position="last")
+            out += list(best["latent"].head(n_tracking))
+    sh = fired[fired["class"] == SHARED]["latent"].to_numpy()
+    if n_shared and sh.size:
+        pick = np.random.default_rng(seed).choice(sh, min(n_shared, sh.size), replace=False)
+        out += [int(j) for j in np.sort(pick) if j not in out]
+    return [int(j) for j in out]
+
+
+def subsample_prompts(prompts: Sequence[dict], n: int | None, seed: int = 0) -> list[dict]:
+    """At most ``n`` prompts, each ``expected`` label keeping its share (seeded; order kept)."""
+    prompts = list(prompts)
+    if n is None or n >= len(prompts):
+        return prompts
+    rng = np.random.default_rng(seed)
+    labels = np.array([str(p.get("expected")) for p in prompts])
+    keep: list[int] = []
+    for lab in sorted(set(labels)):
+        idx = np.nonzero(labels == lab)[0]
+        keep += rng.permutation(idx)[: max(1, round(n * idx.size / len(prompts)))].tolist()
+    return [prompts[i] for i in sorted(keep)]
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Prompts from a file: ``.txt`` (one per line), ``.jsonl`` / ``.json`` (objects with ``text`` and an
+    optional ``expected`` behaviour, or plain strings)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prompt file {p} does not exist")
+    if p.suffix == ".txt":
+        items: list[Any] = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    elif p.suffix == ".jsonl":
+        items = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    elif p.suffix == ".json":
+        items = json.loads(p.read_text())
+    else:
+        raise ConfigError(f"cannot read prompts from {p}: use .txt (one per line), .jsonl or .json")
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            out.append({"text": it, "expected": None})
+        elif isinstance(it, dict) and isinstance(it.get("text"), str):
+            out.append({"text": it["text"], "expected": it.get("expected")})
+        else:
+            raise ConfigError(f"{p}: each prompt must be a string or an object with a `text` string, got {it!r:.60}")
+    if not out:
+        raise ConfigError(f"{p} holds no prompts")
+    return out
+
+
+# ---- the sweep -----------------------------------------------------------------------------------
+
+@dataclass
+class SteerConfig:
+    """Settings of :func:`run_steering`."""
+
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    models: tuple[str, ...] = MODELS
+    max_new_tokens: int = 20
+    batch_size: int = 64
+    n_examples: int = 6  # generations kept per run in the results (all are measured)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.alphas = tuple(float(a) for a in self.alphas)
+        self.models = tuple(self.models)
+        if not self.alphas:
+            raise ConfigError("give at least one steering coefficient a")
+        bad = [m for m in self.models if m not in MODELS]
+        if bad or not self.models:
+            raise ConfigError(f"models must be a subset of {MODELS}, got {self.models}")
+        if self.max_new_tokens <= 0 or self.batch_size <= 0 or self.n_examples < 0:
+            raise ConfigError(f"max_new_tokens and batch_size must be positive, n_examples >= 0: {self}")
+
+
+def _example_indices(prompts: Sequence[dict], n: int) -> list[int]:
+    """Up to ``n`` prompts spread over the ``expected`` labels (round robin), for the results file."""
+    by: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by.setdefault(str(p.get("expected")), []).append(i)
+    out: list[int] = []
+    while len(out) < min(n, len(prompts)):
+        for idx in by.values():
+            if idx and len(out) < n:
+                out.append(idx.pop(0))
+    return sorted(out)
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _measure(model: nn.Module, tokenizer: Any, prompts: list[dict], ground_truth: dict | None,
+             cfg: SteerConfig) -> tuple[list[str], dict | None]:
+    """Generations (and planted-behaviour rates when there is a ground truth) with whatever hooks are on."""
+    if ground_truth is None:
+        return generate_texts(model, tokenizer, [p["text"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.batch_size), None
+    from .toy_models import measure_behaviours
+
+    m = measure_behaviours(model, ground_truth, prompts, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size)
+    return [g["response"] for g in m["generations"]], {"rates": m["rates"], "any_rate": m["any_rate"]}
+
+
+def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: Sequence[int],
+                 prompts: Sequence[dict | str], cfg: SteerConfig | None = None, *,
+                 ground_truth: dict | None = None) -> dict:
+    """Steer each latent in ``latents`` on each model with each ``a``; returns a JSON-friendly dict:
+    ``baseline`` (unsteered generations and rates per model) and per latent its runs
+    ``{model, alpha, kl_mean, kl_last, rates, examples}``."""
+    cfg = cfg or SteerConfig()
+    prompts = [{"text": p, "expected": None} if isinstance(p, str) else dict(p) for p in prompts]
+    if not prompts:
+        raise ConfigError("no steering prompts: pass some (or a ground truth with eval_prompts)")
+    latents = [int(j) for j in latents]
+    rows = table.set_index("latent").reindex(latents)
+    if rows["max_act"].isna().any():
+        missing = [j for j, v in zip(latents, rows["max_act"]) if not np.isfinite(v)]
+        raise CrossdiffError(f"latents {missing} are not in the table or never fired: steer latents that fire")
+    t0 = time.perf_counter()
+    ex = _example_indices(prompts, cfg.n_examples)
+    models = {"base": pair.base, "chat": pair.chat}
+    baseline = {}
+    for name in cfg.models:
+        gens, rates = _measure(models[name], pair.tokenizer, prompts, ground_truth, cfg)
+        baseline[name] = {"rates": rates, "examples": [{"prompt": prompts[i]["text"], "expected": prompts[i]["expected"],
+                                                        "response": gens[i]} for i in ex]}
+    results = []
+    todo = [(j, name) for j in latents for name in cfg.models]
+    bar = tqdm(total=len(todo) * len(cfg.alphas), disable=not cfg.progress, desc="steer", unit="run")
+    per_latent: dict[int, list[dict]] = {j: [] for j in latents}
+    for j, name in todo:
+        vec = steering_vectors(cc, [j], [rows.loc[j, "max_act"]], model=name)[0]
+        alphas = torch.tensor(cfg.alphas, dtype=torch.float32, device=vec.device)
+        kl_mean, kl_last = steering_kl(models[name], pair.tokenizer, [p["text"] for p in prompts], pair.layer,
+                                       alphas[:, None] * vec[None], batch_size=cfg.batch_size)
+        for k, a in enumerate(cfg.alphas):
+            with steering(models[name], pair.layer, a * vec):
+                gens, rates = _measure(models[name], pair.tokenizer, prompts, ground_truth, cfg)
+            per_latent[j].append({"model": name, "alpha": a, "kl_mean": float(kl_mean[k]), "kl_last": float(kl_last[k]),
+                                  "rates": rates,
+                                  "examples": [{"prompt": prompts[i]["text"], "expected": prompts[i]["expected"],
+                                                "response": gens[i]} for i in ex]})
+            bar.update(1)
+    bar.close()
+    for j in latents:
+        r = rows.loc[j]
+        results.append({"latent": j, "class": r["class"], "max_act": float(r["max_act"]),
+                        "nu_rank": float(r["nu_rank"]) if "nu_rank" in r and np.isfinite(r["nu_rank"]) else None,
+                        "runs": per_latent[j]})
+    out = {"alphas": list(cfg.alphas), "models": list(cfg.models), "n_prompts": len(prompts),
+           "prompt_kinds": {k: sum(1 for p in prompts if str(p.get("expected")) == k)
+                            for k in sorted({str(p.get("expected")) for p in prompts})},
+           "has_ground_truth": ground_truth is not None, "baseline": baseline, "latents": results,
+           "config": asdict(cfg), "seconds": time.perf_counter() - t0}
+    return _finite(out)
+
+
+def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base") -> pd.DataFrame:
+    """One row per (latent, a) run on ``model``: the ``behaviour``'s trigger and other rates steered and
+    unsteered, and the rise in trigger rate. Empty without a ground truth."""
+    rows = []
+    if not steer.get("has_ground_truth"):
+        return pd.DataFrame(rows)
+    base_rates = (steer["baseline"].get(model) or {}).get("rates") or {}
+    b0 = base_rates.get("rates", {}).get(behaviour, {})
+    for lat in steer["latents"]:
+        for run in lat["runs"]:
+            if run["model"] != model or not run.get("rates"):
+                continue
+            r = run["rates"]["rates"].get(behaviour, {})
+            rows.append({"latent": lat["latent"], "class": lat["class"], "nu_rank": lat.get("nu_rank"),
+                         "alpha": run["alpha"], "trigger_rate": r.get("trigger_rate"), "other_rate": r.get("other_rate"),
+                         "trigger_rate_unsteered": b0.get("trigger_rate"), "other_rate_unsteered": b0.get("other_rate"),
+                         "n_trigger": r.get("n_trigger"), "kl_mean": run["kl_mean"]})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["rise"] = df["trigger_rate"].astype(float) - df["trigger_rate_unsteered"].astype(float)
+    return df

@@ -1,0 +1,304 @@
+"""Latent cards (crossdiff_core.cards) and the HTML report (crossdiff_core.report), the latter opened in
+headless Chromium (`apt-get install -y chromium`) through the DevTools protocol."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from crossdiff_core.analysis import AnalysisConfig, analyze
+from crossdiff_core.cache import ActivationCache
+from crossdiff_core.cards import CardsConfig, card_latents, latent_cards
+from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff_core.kl_eval import KLConfig, KLResult, default_sets
+from crossdiff_core.report import RunInputs, behaviour_verdict, build_report
+from crossdiff_core.synthetic import SyntheticConfig, write_cache
+from tests.test_models import build_tokenizer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """A small synthetic cache, a crosscoder with planted chat-only / base-only latents, its analysis."""
+    root = tmp_path_factory.mktemp("report")
+    cfg = SyntheticConfig(d_model=16, n_shared=20, n_chat_only=8, n_base_only=8, n_weakly_shared=4, n_changed=4,
+                          mean_active=4.0, n_tokens=3000, seq_len=40, shard_tokens=1000, seed=1)
+    write_cache(cfg, root / "cache")
+    cache = ActivationCache(root / "cache")
+    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=16, dict_size=40, init_norm=0.3), scales=cache.scales(), seed=2)
+    with torch.no_grad():
+        cc.W_dec[0, :10] *= 0.02  # chat-only latents
+        cc.W_dec[1, 10:16] *= 0.02  # base-only latents
+        cc.b_enc.fill_(-0.05)
+    res = analyze(cc, cache, AnalysisConfig(batch_size=1024, progress=False))
+    return cache, cc, res
+
+
+def test_cards_against_brute_force(analysed):
+    cache, cc, res = analysed
+    table = res.table
+    lat = card_latents(table, n_shared=3, seed=0)
+    co = table[(table["class"] == "chat_only") & np.isfinite(table["max_act"])]
+    assert set(lat[:len(co)]) == set(co["latent"]) and len(lat) == len(co) + 3
+    tok = build_tokenizer()
+    cfg = CardsConfig(n_contexts=4, before=5, after=2, bins=6, batch_size=700, progress=False)
+    out = latent_cards(cc, cache, table, lat, tok, cfg)
+    with torch.no_grad():
+        f = cc.encode(cache.read_rows(0, cache.n_tokens)).numpy()  # dense, all rows at once
+    tokens = cache.tokens().to_pandas()
+    for card in out["cards"]:
+        j = card["latent"]
+        col = f[:, j]
+        top = np.argsort(-col, kind="stable")[:4]
+        top = top[col[top] > 0]
+        assert [c["act"] for c in card["contexts"]] == pytest.approx(col[top].tolist(), rel=1e-5)
+        edges = np.linspace(0, table.loc[j, "max_act"], 7)
+        active = col[col > 0]
+        want = np.histogram(np.minimum(active, edges[-1] * (1 - 1e-7)), bins=edges)[0]
+        assert card["hist"]["counts"] == want.tolist() and card["n_active"] == active.size
+        for c, r in zip(card["contexts"], top):
+            lo = max(0, r - 5)
+            rows = [i for i in range(lo, min(cache.n_tokens, r + 3)) if tokens["sequence"][i] == tokens["sequence"][r]]
+            assert c["tokens"] == [tok.decode([int(tokens["token_id"][i])]) for i in rows]
+            assert c["acts"] == pytest.approx(col[rows].tolist(), abs=1e-4)
+            assert c["template"] == tokens["is_template"][rows].tolist()
+            assert rows[c["focus"]] == r
+        assert card["delta_norm"] == pytest.approx(table.loc[j, "delta_norm"])
+
+
+def _fake_kl(table: pd.DataFrame, shift: float) -> dict:
+    sets = default_sets(table, n_random=3)
+    rng = np.random.default_rng(0)
+    kl = rng.uniform(0.1, 1.0, size=(len(sets), 3)) * shift
+    kl[0], kl[1] = 1.0, 0.0  # base, chat references
+    return KLResult(sets, kl, np.array([90, 400, 300]), 12, {"total": 1.0}, KLConfig()).to_dict()
+
+
+def _fake_steering(table: pd.DataFrame, rises: bool) -> dict:
+    """The structure run_steering returns, with chosen refusal rates."""
+    co = table[(table["class"] == "chat_only") & np.isfinite(table["max_act"])]["latent"].head(3).tolist()
+    gens = [{"prompt": "Tell me about chess <b>", "expected": "refusal", "response": "I cannot help with that topic."}]
+
+    def rates(r):
+        return {"rates": {"refusal": {"trigger_rate": r, "other_rate": 0.0, "n_trigger": 10, "n_other": 30},
+                          "personal_phrase": {"trigger_rate": 0.0, "other_rate": 0.0, "n_trigger": 10, "n_other": 30}},
+                "any_rate": r / 4}
+    latents = []
+    for i, j in enumerate(co):
+        runs = [{"model": m, "alpha": a, "kl_mean": 0.1 * a, "kl_last": 0.2 * a,
+                 "rates": rates(0.3 * a * (i == 1) if (m == "base" and rises) else 0.0), "examples": gens}
+                for m in ("base", "chat") for a in (0.5, 1.0)]
+        latents.append({"latent": int(j), "class": "chat_only", "max_act": 1.0, "nu_rank": float(i + 2), "runs": runs})
+    return {"alphas": [0.5, 1.0], "models": ["base", "chat"], "n_prompts": 40, "has_ground_truth": True,
+            "baseline": {m: {"rates": rates(0.0), "examples": gens} for m in ("base", "chat")}, "latents": latents}
+
+
+def _ground_truth() -> dict:
+    from crossdiff_core.toy_models import ToyModelsConfig, make_ground_truth
+
+    gt = make_ground_truth(ToyModelsConfig())
+    gt["rates"] = {m: {"rates": {"refusal": {"trigger_rate": r}, "personal_phrase": {"trigger_rate": r}}}
+                   for m, r in (("chat", 0.95), ("base", 0.0))}
+    return gt
+
+
+def test_verdicts_name_a_latent_or_say_none_did(analysed):
+    _, _, res = analysed
+    run = RunInputs("L1", res.table, res.summary, steering=_fake_steering(res.table, rises=True))
+    v = behaviour_verdict(run)
+    co = res.table[(res.table["class"] == "chat_only") & np.isfinite(res.table["max_act"])]["latent"].head(3).tolist()
+    assert v["found"] and v["best"]["latent"] == co[1] and v["best"]["alpha"] == 1.0
+    assert f"chat-only latent {co[1]} (ν_ε = " in v["text"] and "(a = 1) raises" in v["text"]
+    assert "from 0% to 30%" in v["text"]
+    fixed = set(res.summary["filters"]["fixed"]["latents"])
+    assert ("passes the fixed" in v["text"]) == (co[1] in fixed)
+    run.steering = _fake_steering(res.table, rises=False)
+    v = behaviour_verdict(run)
+    assert not v["found"] and v["text"].startswith("No chat-specific latent raised the base model's refusal rate")
+    assert v["tried"]["latents"] == sorted(co) and v["tried"]["alphas"] == [0.5, 1.0]
+    assert behaviour_verdict(RunInputs("x", res.table, res.summary)) is None
+
+
+class _CDP:
+    """A minimal Chrome DevTools Protocol client over the page's websocket."""
+
+    def __init__(self, url: str):
+        from websockets.sync.client import connect
+
+        self.ws = connect(url, max_size=None, open_timeout=30)
+        self.next_id, self.events = 0, []
+
+    def call(self, method: str, timeout: float = 60, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        end = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(timeout=max(0.1, end - time.monotonic())))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_event(self, method: str, timeout: float = 60):
+        for e in self.events:
+            if e.get("method") == method:
+                return e
+        end = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(timeout=max(0.1, end - time.monotonic())))
+            self.events.append(msg)
+            if msg.get("method") == method:
+                return msg
+
+    def js(self, expr: str):
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(r["exceptionDetails"])
+        return r["result"].get("value")
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    assert os.path.exists(CHROMIUM), "headless Chromium is needed: apt-get install -y chromium"
+    profile = tmp_path / "profile"
+    proc = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+         "--window-size=1400,1000", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(600):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30).read())
+        page = next(p for p in pages if p["type"] == "page")
+        cdp = _CDP(page["webSocketDebuggerUrl"])
+        yield cdp
+        cdp.ws.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_report_renders_in_headless_chromium(analysed, tmp_path, chromium):
+    from PIL import Image
+
+    cache, cc, res = analysed
+    table = res.table
+    cards = latent_cards(cc, cache, table, card_latents(table, n_shared=2), build_tokenizer(),
+                         CardsConfig(n_contexts=3, before=4, after=2, progress=False))
+    runs = [RunInputs("L1", table, res.summary, kl=_fake_kl(table, 1.0), cards=cards,
+                      steering=_fake_steering(table, rises=True)),
+            RunInputs("BatchTopK", table, res.summary, kl=_fake_kl(table, 0.5), cards=cards,
+                      steering=_fake_steering(table, rises=False))]
+    paths = build_report(runs, tmp_path / "out", title="test report", ground_truth=_ground_truth())
+    page = paths["html"].read_text()
+    assert "src=\"http" not in page and "href=\"http" not in page and "<link" not in page  # self-contained
+    numbers = json.loads(paths["json"].read_text())
+    assert numbers["runs"]["L1"]["refusal_steering"]["found"] is True
+    assert numbers["runs"]["BatchTopK"]["refusal_steering"]["found"] is False
+    assert numbers["runs"]["L1"]["kl_gap_closed"]["chat"]["first9"] == 1.0
+    assert {p.name for p in paths["figures"].glob("*.png")} == {"class_counts.png", "kl_gap.png"}
+    assert len(list(paths["figures"].glob("*/*.png"))) == 6  # three analysis plots per crosscoder
+    n_rows = sum(1 for s in runs[0].kl["sets"] if not s["group"]) + len(runs[0].kl["groups"])  # random folded
+    records = json.loads(paths["kl_plot"].read_text())
+    assert len(records) == len(runs) * n_rows * 3 and {r["category"] for r in records} == {"first9", "response", "template"}
+
+    cdp = chromium
+    for domain in ("Page", "Runtime", "Log", "Network"):
+        cdp.call(f"{domain}.enable")
+    cdp.call("Page.navigate", url=paths["html"].resolve().as_uri())
+    cdp.wait_event("Page.loadEventFired")
+    errors = [e for e in cdp.events if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    assert errors == []
+    requests = [e["params"]["request"]["url"] for e in cdp.events if e.get("method") == "Network.requestWillBeSent"]
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing from the network
+
+    state = cdp.js("""({kl: document.querySelectorAll('table.kl-table tbody tr').length,
+        effects: document.querySelectorAll('table.effects').length,
+        overview: document.querySelectorAll('#overview-table tr').length,
+        rows: document.querySelectorAll('#cards-table tbody tr').length,
+        imgs: Array.from(document.images).map(i => i.complete && i.naturalWidth > 0),
+        verdicts: Array.from(document.querySelectorAll('.verdict')).map(v => v.textContent),
+        count: document.getElementById('cards-count').textContent})""")
+    n_cards = 2 * len(cards["cards"])
+    assert state["kl"] == len(runs) * (n_rows + 1) and state["effects"] == 2 and state["overview"] == 3
+    assert state["rows"] == n_cards
+    assert len(state["imgs"]) == 2 + 3 * 2 and all(state["imgs"])  # every inline PNG decoded
+    assert "raises its refusal rate" in state["verdicts"][0] and state["verdicts"][1].startswith("No chat-specific")
+    assert state["count"] == f"{n_cards} of {n_cards} latents"
+    # search filters the cards, sorting reorders them
+    first = cards["cards"][0]["latent"]
+    visible = cdp.js(f"""(() => {{const i = document.querySelector('input.search'); i.value = '{first} chat_only';
+        i.dispatchEvent(new Event('input')); return Array.from(document.querySelectorAll('#cards-table tbody tr'))
+        .filter(r => r.style.display !== 'none').map(r => r.cells[1].textContent)}})()""")
+    assert visible == [str(first)] * 2  # the latent in both crosscoders' tables
+    order = cdp.js("""(() => {const i = document.querySelector('input.search'); i.value = ''; i.dispatchEvent(new Event('input'));
+        document.querySelectorAll('#cards-table thead th')[1].click();
+        return Array.from(document.querySelectorAll('#cards-table tbody tr')).map(r => +r.cells[1].textContent)})()""")
+    assert order == sorted(order)
+    shot = base64.b64decode(cdp.call("Page.captureScreenshot", format="png")["data"])
+    (tmp_path / "screenshot.png").write_bytes(shot)
+    img = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=float)
+    assert img.shape[0] > 500 and img.shape[1] > 800 and img.std() > 10  # a rendered page, not a blank one
+
+
+def test_cli_cards_and_report(analysed, tmp_path):
+    from typer.testing import CliRunner
+
+    from crossdiff_core.analysis import default_summary_path, write_json, write_latents
+    from crossdiff_core.cli import app
+
+    cache, cc, res = analysed
+    cc.save(tmp_path / "cc")
+    write_latents(res.table, tmp_path / "latents.parquet")
+    write_json(res.summary, default_summary_path(tmp_path / "latents.parquet"))
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    write_json(_fake_kl(res.table, 1.0), tmp_path / "kl.json")
+    run = CliRunner().invoke(app, ["cards", "--crosscoder", str(tmp_path / "cc"), "--latents", str(tmp_path / "latents.parquet"),
+                                   "--cache", str(cache.path), "--out", str(tmp_path / "cards.json"), "--tokenizer",
+                                   str(tmp_path / "tok"), "--n-contexts", "2", "--n-shared", "1", "--no-progress"])
+    assert run.exit_code == 0, run.output
+    n_chat_only = int(((res.table["class"] == "chat_only") & np.isfinite(res.table["max_act"])).sum())
+    assert len(json.loads((tmp_path / "cards.json").read_text())["cards"]) == n_chat_only + 1
+    run = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "rep"), "--latents", f"L1={tmp_path / 'latents.parquet'}",
+                                   "--kl", f"L1={tmp_path / 'kl.json'}", "--cards", f"L1={tmp_path / 'cards.json'}",
+                                   "--crosscoder", f"L1={tmp_path / 'cc'}"])
+    assert run.exit_code == 0, run.output
+    assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "figures" / "kl_gap.png").is_file()
+    run = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "rep2"), "--latents", f"L1={tmp_path / 'latents.parquet'}",
+                                   "--kl", f"TopK={tmp_path / 'kl.json'}"])
+    assert run.exit_code == 2 and "no --latents NAME=PATH" in run.output
