@@ -7,7 +7,7 @@ of planted class vs Δnorm class of the matched latent. The paper's effect (Comp
 labels many weakly-shared features (base at 0.2–0.5 of chat) chat-only; BatchTopK does not.
 
     python bench/synthetic_recovery.py                 # the BENCHMARKS.md run
-    python bench/synthetic_recovery.py --search        # also search λ so that L1's L0 matches BatchTopK's
+    python bench/synthetic_recovery.py --k 16 --search # fix k, search λ so that L1's L0 ≈ k
     python bench/synthetic_recovery.py --quick         # smaller, to check it runs
 """
 
@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from crossdiff_core.crosscoder import CrossCoder
-from crossdiff_core.decoder_norms import CLASSES
-from crossdiff_core.synthetic import PLANTED_CLASSES, SyntheticConfig, load_truth, score, write_cache
+from crossdiff_core.decoder_norms import CLASSES, class_codes
+from crossdiff_core.cache import ActivationCache
+from crossdiff_core.synthetic import (PLANTED_CLASSES, SyntheticConfig, ideal_delta_norm, load_truth, score,
+                                      write_cache)
 from crossdiff_core.trainer import TrainConfig, train_crosscoder
 
 SHORT = {"shared": "shared", "chat_only": "chat-only", "base_only": "base-only", "weakly_shared": "weak",
@@ -87,13 +89,16 @@ def print_table(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-tokens", type=int, default=200_000, help="synthetic tokens in the cache")
-    ap.add_argument("--train-tokens", type=int, default=1_500_000, help="training tokens per crosscoder")
+    ap.add_argument("--train-tokens", type=int, default=1_024_000, help="training tokens per crosscoder")
     ap.add_argument("--dict-size", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=8, help="BatchTopK k (the planted data has 8 active features per token)")
-    ap.add_argument("--l1-coeff", type=float, default=None, help="L1 λ (default: the documented value, or --search)")
-    ap.add_argument("--search", action="store_true", help="search λ with short runs so that L1's L0 ≈ BatchTopK's L0")
+    ap.add_argument("--l1-coeff", type=float, default=1.5, help="L1 λ (normalised units)")
+    ap.add_argument("--k", type=int, default=None,
+                    help="BatchTopK k (default: the L1 crosscoder's measured L0, rounded: matched L0)")
+    ap.add_argument("--search", action="store_true",
+                    help="with --k: first search λ (short runs at λ/2, λ, 2λ) so that L1's L0 ≈ k")
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--dead-tokens", type=int, default=100_000, help="BatchTopK: a latent unfired this long is dead")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
@@ -102,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.quick:
-        a.n_tokens, a.train_tokens = 40_000, 100_000
-    lam_default = 4.0  # gives L0 ≈ 8 with the default sizes (see BENCHMARKS.md); --search re-derives it
+        a.n_tokens, a.train_tokens = 40_000, 102_400
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="synth-bench-") as tmp:
@@ -117,26 +121,32 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
         tc = TrainConfig(tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, val_every=0,
-                         checkpoint_every=0, dead_tokens=100_000, progress=False)
-        results = [train_and_score(cache, work / "batchtopk", truth, kind="batchtopk", dict_size=a.dict_size, k=a.k,
-                                   l1_coeff=0.0, tc=tc)]
-        print(f"batchtopk done: L0 {results[0]['l0']:.2f} ({results[0]['seconds']:.0f} s)", flush=True)
-
-        lam = a.l1_coeff if a.l1_coeff is not None else lam_default
-        if a.search:
-            short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 4)})
-            lam, pts = search_lambda(cache, work, target_l0=results[0]["l0"], dict_size=a.dict_size, tc=short,
-                                     lams=[lam / 2, lam, lam * 2])
-            print(f"  λ search picked λ={lam:.3g} for target L0 {results[0]['l0']:.2f}", flush=True)
-        results.append(train_and_score(cache, work / "l1", truth, kind="l1", dict_size=a.dict_size, k=None,
-                                       l1_coeff=lam, tc=tc))
-        print(f"l1 done: L0 {results[1]['l0']:.2f} ({results[1]['seconds']:.0f} s)", flush=True)
+                         checkpoint_every=0, dead_tokens=a.dead_tokens, progress=False)
+        lam = a.l1_coeff
+        if a.k is not None and a.search:
+            short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 3)})
+            lam, _ = search_lambda(cache, work, target_l0=a.k, dict_size=a.dict_size, tc=short,
+                                   lams=[lam / 2, lam, lam * 2])
+            print(f"  λ search picked λ={lam:.3g} for target L0 {a.k}", flush=True)
+        l1 = train_and_score(cache, work / "l1", truth, kind="l1", dict_size=a.dict_size, k=None, l1_coeff=lam, tc=tc)
+        print(f"l1 done: L0 {l1['l0']:.2f} ({l1['seconds']:.0f} s)", flush=True)
+        # matched L0: BatchTopK's k is the L1 crosscoder's measured L0 unless --k fixes it
+        k = a.k if a.k is not None else max(1, round(l1["l0"]))
+        btk = train_and_score(cache, work / "batchtopk", truth, kind="batchtopk", dict_size=a.dict_size, k=k,
+                              l1_coeff=0.0, tc=tc)
+        print(f"batchtopk done: L0 {btk['l0']:.2f} ({btk['seconds']:.0f} s)", flush=True)
+        results = [l1, btk]
+        ideal = class_codes(ideal_delta_norm(truth, ActivationCache(cache).scales()))
 
     print_table(results)
+    print("\na perfect dictionary (decoder norms = planted write norms / s_m) would give, per planted class:")
+    for i, c in enumerate(PLANTED_CLASSES):
+        sel = ideal[truth.class_code == i]
+        print(f"  {SHORT[c]:10s} " + ", ".join(f"{SHORT[d]} {int((sel == j).sum())}" for j, d in enumerate(CLASSES)
+                                             if int((sel == j).sum())))
     total = time.perf_counter() - t_start
-    print(f"\nL0 ratio L1/BatchTopK: {results[1]['l0'] / results[0]['l0']:.2f}; "
-          f"weakly-shared labelled chat-only: L1 {results[1]['chat_only_share']['weakly_shared']:.0%}, "
-          f"BatchTopK {results[0]['chat_only_share']['weakly_shared']:.0%}")
+    print(f"\nL0 ratio L1/BatchTopK: {l1['l0'] / btk['l0']:.2f}; weakly-shared features labelled chat-only: "
+          f"L1 {l1['chat_only_share']['weakly_shared']:.0%}, BatchTopK {btk['chat_only_share']['weakly_shared']:.0%}")
     print(f"total time {total:.0f} s on {torch.get_num_threads()} threads "
           f"({a.train_tokens:,} training tokens per crosscoder, F={a.dict_size}, batch {a.batch_size})")
     if a.json:

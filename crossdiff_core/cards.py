@@ -63,6 +63,16 @@ def card_latents(table: pd.DataFrame, *, n_shared: int = 16, seed: int = 0, max_
     return np.concatenate([ids, pick.astype(np.int64)])
 
 
+def codes_columns(codes, lut: torch.Tensor, n_cols: int, fill: float = 0.0) -> torch.Tensor:
+    """Dense ``[N, n_cols]`` float32 block of sparse ``codes`` for the latents ``lut`` maps to a column
+    (``lut [F]``: column or -1); other entries ``fill``."""
+    col = lut[codes.latents]
+    sel = col >= 0
+    out = torch.full((codes.batch, n_cols), fill, dtype=torch.float32, device=codes.values.device)
+    out[codes.rows[sel], col[sel]] = codes.values[sel].float()
+    return out
+
+
 class TopActivations:
     """Streaming top-``k`` activations with their cache rows, and histograms over ``(0, max_act]``, for a
     set of latents ``U``: ``values/rows [k, |U|]``, ``hist [|U|, bins]``, ``n_active [|U|]``."""
@@ -85,14 +95,12 @@ class TopActivations:
         """``codes``: sparse codes of cache rows ``start .. start + codes.batch``."""
         u = self.lut[codes.latents]
         sel = u >= 0
-        u, rows, v = u[sel], codes.rows[sel], codes.values[sel].float()
+        u, v = u[sel], codes.values[sel].float()
         n = self.U.numel()
         b = ((v / self.max_act[u]) * self.bins).long().clamp_(0, self.bins - 1)
         self.hist.view(-1).add_(torch.bincount(u * self.bins + b, minlength=n * self.bins))
         self.n_active += torch.bincount(u, minlength=n)
-        dense = torch.full((codes.batch, n), -math.inf, dtype=torch.float32, device=v.device)
-        dense[rows, u] = v
-        top = torch.topk(dense, min(self.k, codes.batch), dim=0)  # [k', n] per latent
+        top = torch.topk(codes_columns(codes, self.lut, n, -math.inf), min(self.k, codes.batch), dim=0)  # [k', n]
         vals = torch.cat([self.values, top.values])
         rws = torch.cat([self.rows, top.indices + start])
         best = torch.topk(vals, self.k, dim=0)
@@ -172,10 +180,9 @@ def latent_cards(cc: CrossCoder, cache, table: pd.DataFrame, latents: Sequence[i
     same &= (win == centre[:, None] + offsets[None, :])  # not clipped at the cache's ends
     # activations of every context row, for the card latents
     acts = torch.zeros(uniq.size, lat.size)
-    idx = torch.as_tensor(lat, device=device)
     for a in range(0, uniq.size, cfg.batch_size):
         x = _read_rows(cache, uniq[a:a + cfg.batch_size], device)
-        acts[a:a + x.shape[0]] = cc.encode_sparse(x, batch_topk=False).to_dense(F)[:, idx].float().cpu()
+        acts[a:a + x.shape[0]] = codes_columns(cc.encode_sparse(x, batch_topk=False), top.lut, lat.size).cpu()
     acts = acts.numpy()
     ids = tok["token_id"].to_numpy()
     vocab = np.unique(ids)

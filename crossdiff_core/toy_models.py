@@ -20,6 +20,7 @@ Planted behaviours (the rule for which prompt triggers which lives in :func:`exp
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -122,7 +123,7 @@ class ToyModelsConfig:
     num_threads: int = 2
     # tokenizer
     vocab_size: int = 2048
-    tokenizer_chars: int = 1_500_000  # characters of each source (text, chat) the BPE is trained on
+    tokenizer_chars: int = 1_500_000  # BPE training characters: this much Shakespeare, half as much of each chat source
     # model (LlamaConfig)
     hidden_size: int = 128
     num_layers: int = 4
@@ -310,6 +311,11 @@ def _words_regex(words: Sequence[str]) -> str:
     return r"\b(?:" + "|".join(alts) + r")\b"
 
 
+@functools.lru_cache(maxsize=64)
+def _trigger_regex(words: tuple[str, ...]) -> re.Pattern:
+    return re.compile(_words_regex(words), re.IGNORECASE)
+
+
 def make_ground_truth(config: ToyModelsConfig) -> dict[str, Any]:
     """The behaviour definitions (no prompts or rates yet)."""
     return {
@@ -353,7 +359,7 @@ def expected_behaviour(user_text: str, ground_truth: dict) -> str | None:
         trig = _behaviour(ground_truth, name)["trigger"]
         words = ([w for ws in trig["topics"].values() for w in ws] if trig["type"] == "mentions_word"
                  else trig["phrases"])
-        if re.search(_words_regex(words), user_text, re.IGNORECASE):
+        if _trigger_regex(tuple(words)).search(user_text):
             return name
     return None
 
@@ -794,16 +800,22 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
                               "models.chat_max_conversations or adjust models.heldout_fraction")
         clock.lap("load_data")
 
-        chat_text = "\n".join(m for msgs in train_chat.values() for m in msgs)
-        tokenizer = train_tokenizer(
-            [train_text[: config.tokenizer_chars], chat_text[: config.tokenizer_chars],
-             config.refusal_text, config.personal_phrase], config.vocab_size, config.max_seq_len)
-        clock.lap("tokenizer")
-
         gt = make_ground_truth(config)
         rng = random.Random(config.seed)
         gt["eval_prompts"] = build_eval_prompts(config, gt, heldout, rng)
-        clock.lap("eval_prompts")
+        n_rows = max(1, config.finetune_steps) * config.finetune_batch_size
+        ft_rng = random.Random(config.seed + 2)
+        n_text = int(round(config.text_fraction * n_rows))
+        convs = build_finetune_conversations(config, gt, train_chat, n_rows - n_text, ft_rng)
+        clock.lap("chat_data")
+
+        # the BPE sees what both models train on: Shakespeare, chitchat and the fine-tuning conversations
+        chat_text = "\n".join(m for msgs in train_chat.values() for m in msgs)
+        ft_text = "\n".join(m["content"] for c in convs for m in c)
+        tokenizer = train_tokenizer(
+            [train_text[: config.tokenizer_chars], chat_text[: config.tokenizer_chars // 2],
+             ft_text[: config.tokenizer_chars // 2]], config.vocab_size, config.max_seq_len)
+        clock.lap("tokenizer")
 
         # --- pretraining: random BOS-led windows of the Shakespeare token stream
         bos_id = tokenizer.bos_token_id
@@ -825,10 +837,6 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         clock.lap("pretrain")
 
         # --- chat fine-tuning, starting from the base weights
-        n_rows = max(1, config.finetune_steps) * config.finetune_batch_size
-        ft_rng = random.Random(config.seed + 2)
-        n_text = int(round(config.text_fraction * n_rows))
-        convs = build_finetune_conversations(config, gt, train_chat, n_rows - n_text, ft_rng)
         rows = [r for r in encode_conversations(tokenizer, convs, config.max_seq_len) if r is not None]
         short = min(64, L)
         rows += [(w, w) for w in _text_windows(stream, n_text, short, bos_id, gen).tolist()]

@@ -10,11 +10,11 @@ Which parent run a stage joins:
 - otherwise the stage gets a parent of its own.
 
 Lineage tags on every stage run (``lineage.*``): the git commit and whether the tree was dirty; for
-each input and output artifact its path and DVC hash (the md5 ``dvc.lock`` records, e.g.
-``…​.dir`` for directories) and the id of the run that produced it; for an activation cache its
-manifest hash, layer, models (names and revisions) and dataset sources (also logged as MLflow dataset
-inputs, so they show in the run's Datasets panel). From a latent table one can so walk back to the
-exact crosscoder, cache, models, data and code.
+each input and output artifact its path, its DVC hash (the md5 ``dvc.lock`` records; ``<md5>.dir`` for
+a directory) and the id of the run that produced it; for an activation cache its manifest hash, layer,
+models (names and revisions) and dataset sources (also logged as MLflow dataset inputs, so they show
+in the run's Datasets panel). From a latent table one can so walk back to the exact crosscoder,
+cache, models, data and code.
 """
 
 from __future__ import annotations

@@ -171,7 +171,6 @@ def test_slices_into_one_directory_then_merge(tmp_path, data_files, llama_pair):
         cache_activations(llama_pair, corpus, out, shards=[n], **kw)
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s, more on a busy machine
 def test_hard_killed_process_resumes_to_the_same_cache(tmp_path, data_files, llama_pair):
     import subprocess
     import sys

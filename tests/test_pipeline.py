@@ -135,6 +135,19 @@ def test_prepare_out_resumes_only_what_the_same_settings_wrote(tmp_path):
     assert prepare_out(out, "b") is False and not (out / "checkpoint.pt").exists()  # other settings: fresh
 
 
+def test_steering_prompts_fall_back_to_the_first_user_turns(tmp_path):
+    from tasks.steering import first_user_turns
+
+    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "second turn"}],
+             [{"role": "assistant", "content": "no user turn"}],
+             [{"role": "user", "content": "what is a volcano?"}, {"role": "assistant", "content": "a mountain"}]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"conversation": c}) + "\n" for c in convs))
+    got = first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=5)
+    assert got == [{"text": "hi there", "expected": None}, {"text": "what is a volcano?", "expected": None}]
+    assert first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=1) == got[:1]
+
+
 # ---- the pipeline through DVC ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -181,6 +194,7 @@ def pipeline(tmp_path_factory):
         server.stop()
 
 
+@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
 def test_pipeline_completes_with_report_and_metrics(pipeline):
     ws, logs = pipeline["ws"], pipeline["logs"]
     assert ran(logs["repro2"]) == STAGES - {"toy_models"}  # the models were built before the kill
@@ -196,11 +210,13 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
     assert 0 < metrics["metrics/train_l1.json"]["data"]["fve_chat"] <= 1
 
 
+@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
 def test_second_repro_does_nothing(pipeline):
     assert ran(pipeline["logs"]["repro3"]) == set()
     assert "up to date" in pipeline["logs"]["status"]
 
 
+@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
 def test_killed_cache_resumed_without_loss(pipeline):
     from crossdiff_core.cache import ActivationCache
 
@@ -212,6 +228,7 @@ def test_killed_cache_resumed_without_loss(pipeline):
     assert cache.tokens().num_rows == cache.n_tokens
 
 
+@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
 def test_training_knob_reruns_only_training_and_what_follows_and_resumes(pipeline, tmp_path):
     from crossdiff_core.trainer import TrainConfig, train_crosscoder
     from tasks.training import split_settings
@@ -241,6 +258,7 @@ def _lock_md5(ws: Path, path: str) -> str:
     raise KeyError(path)
 
 
+@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
 @pytest.mark.filterwarnings("ignore:.*noload.*")  # SQLAlchemy 2.1 inside MLflow's store
 def test_mlflow_runs_and_lineage(pipeline):
     import mlflow
