@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from .crosscoder import Codes, CrossCoder, _atomic
 from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, decoder_stats
 from .errors import CacheError, ConfigError, CrossdiffError, ModelMismatchError
-from .latent_scaling import (MIN_SHARED_FIRES, NU_ERROR_MAX, NU_RECON_MAX, SHARED_COVERAGE, LatentScaling, compute_nu,
-                             data_driven_filter, direction_models, fixed_filter, sparse_codes, use_dense)
+from .latent_scaling import (DIRECTIONS, MIN_SHARED_FIRES, NU_ERROR_MAX, NU_RECON_MAX, SHARED_COVERAGE,
+                             LatentScaling, compute_nu, data_driven_filter, direction_models, fixed_filter,
+                             sparse_codes, use_dense)
 
 LATENT_COLUMNS = ("latent", "norm_base", "norm_chat", "delta_norm", "cosine", "class", "freq", "max_act",
                   "template_share", "beta_error_base", "beta_error_chat", "beta_recon_base",
@@ -57,6 +58,10 @@ class AnalysisConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if not 0 < self.coverage < 1:
             raise ConfigError(f"coverage must be in (0, 1), got {self.coverage}")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.min_shared_fires < 0:
+            raise ConfigError(f"min_shared_fires must be >= 0, got {self.min_shared_fires}")
         if not -1 <= self.decoupling_cosine <= 1:
             raise ConfigError(f"decoupling_cosine must be in [-1, 1], got {self.decoupling_cosine}")
 
@@ -272,7 +277,8 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
         ls.update(codes, xn, x_hat)
         is_t = None
         if tmpl is not None:
-            is_t = torch.from_numpy(tmpl.slice(start, x.shape[0]).to_numpy(zero_copy_only=False).astype(np.bool_)).to(device)
+            mask = tmpl.slice(start, x.shape[0]).to_numpy(zero_copy_only=False).astype(np.bool_)
+            is_t = torch.from_numpy(mask).to(device)
         stats.update(codes, is_t)
         cof.update(codes)
     seconds = time.perf_counter() - t0
@@ -281,7 +287,8 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
     nus = compute_nu(betas, cls)
     act = stats.result(template_known=tmpl is not None)
     chat_only = cls == CLASSES.index(CHAT_ONLY)
-    fixed = fixed_filter(nus.nu_error, nus.nu_recon, nu_error_max=cfg.nu_error_max, nu_recon_max=cfg.nu_recon_max) & chat_only
+    fixed = chat_only & fixed_filter(nus.nu_error, nus.nu_recon, nu_error_max=cfg.nu_error_max,
+                                     nu_recon_max=cfg.nu_recon_max)
     cut = data_driven_filter(nus.nu_error, nus.nu_recon, cls, coverage=cfg.coverage,
                              reference=stats.count >= cfg.min_shared_fires)
     dd = cut.passed & chat_only
@@ -344,6 +351,8 @@ def _summary(model, cache, cfg, table, pairs, fixed, cut, dd, chat_only, match, 
         "dead": int((~fired).sum()),
         "chat_only": {"total": int(chat.sum()), "with_finite_nu": int(finite.sum()),
                       "nu_error_median": median(ne), "nu_recon_median": median(nr)},
+        "nu_rank": "rank(nu_error) + rank(nu_recon), 1-based ascending ranks within the latent's class "
+                   "(ties by latent index); lower = more chat-specific; NaN where a nu is NaN",
         "filters": {
             "fixed": {"nu_error_max": cfg.nu_error_max, "nu_recon_max": cfg.nu_recon_max,
                       "rule": "chat-only latent with nu_error < nu_error_max and nu_recon < nu_recon_max",

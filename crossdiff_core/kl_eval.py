@@ -124,12 +124,19 @@ def default_sets(table: pd.DataFrame, *, n_random: int = 5, seed: int = 0) -> li
     return sets
 
 
+def _bag_sum(rows: torch.Tensor, latents: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[r] = Σ weights[i] · table[latents[i]]`` over the entries ``i`` with ``rows[i] = r`` (rows sorted):
+    ``[n, d]``, cost proportional to the number of entries."""
+    counts = torch.bincount(rows, minlength=n)
+    return torch.nn.functional.embedding_bag(latents, table, torch.cumsum(counts, 0) - counts, mode="sum",
+                                             per_sample_weights=weights)
+
+
 class Patcher:
     """Computes, for a batch of paired activations, what each :class:`PatchSet` adds to ``h_b``.
 
     Decoder rows and biases in the models' own units: ``Δd_j = s_c W_dec[1, j] − s_b W_dec[0, j]`` ``[F, d]``,
-    ``Δb = s_c b_dec[1] − s_b b_dec[0]``. Only the latents named by some set are gathered into a dense
-    ``[N, |U|]`` code block; the "every latent" sets use the reconstruction ``x̂``.
+    ``Δb = s_c b_dec[1] − s_b b_dec[0]``.
     """
 
     def __init__(self, cc: CrossCoder, sets: Sequence[PatchSet]):
@@ -149,7 +156,6 @@ class Patcher:
         self.U = torch.as_tensor(U, device=dev)
         self.lut = torch.full((F,), -1, dtype=torch.int64, device=dev)
         self.lut[self.U] = torch.arange(U.size, device=dev)
-        self.d_dec_U = self.d_dec[self.U]  # [|U|, d]
         self.member = torch.zeros(len(self.sets), U.size, dtype=torch.float32, device=dev)  # [S, |U|]
         for k, ps in enumerate(self.sets):
             if not (ps.all_latents or ps.chat) and ps.latents.size:
@@ -158,27 +164,28 @@ class Patcher:
 
     @torch.no_grad()
     def deltas(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [N, 2, d]`` (base, chat; model units) -> ``[S, N, d]`` float32, what set ``k`` adds to ``x[:, 0]``."""
-        cc = self.cc
+        """``x [N, 2, d]`` (base, chat; model units) -> ``[S, N, d]`` float32, what set ``k`` adds to ``x[:, 0]``.
+
+        Sums ``Σ_j f_j Δd_j`` run over the active codes only (``embedding_bag``, like the crosscoder's
+        sparse decoder); the error difference is ``ε_c − ε_b = (x_c − x_b) − (x̂_c − x̂_b)`` with
+        ``x̂_c − x̂_b = Σ_j f_j Δd_j + Δb``, so no full decode is needed."""
         x = x.to(device=self.d_dec.device, dtype=torch.float32)
-        codes = cc.encode_sparse(x, batch_topk=False)  # inference codes (BatchTopK: the threshold)
+        codes = self.cc.encode_sparse(x, batch_topk=False)  # inference codes (BatchTopK: the threshold)
         N = x.shape[0]
-        fU = torch.zeros(N, self.U.numel(), dtype=torch.float32, device=x.device)
-        k = self.lut[codes.latents]
-        sel = k >= 0
-        fU[codes.rows[sel], k[sel]] = codes.values[sel].float()
-        if self.need_recon:
-            x_hat = cc.decode(codes).float()
-            recon_diff = x_hat[:, 1] - x_hat[:, 0]
-            err_diff = (x[:, 1] - x_hat[:, 1]) - (x[:, 0] - x_hat[:, 0])
         out = torch.zeros(len(self.sets), N, x.shape[-1], dtype=torch.float32, device=x.device)
-        for i, ps in enumerate(self.sets):  # a handful of sets; each is one matmul
+        if self.need_recon:
+            all_sum = _bag_sum(codes.rows, codes.latents, codes.values.float(), self.d_dec, N)
+            err_diff = (x[:, 1] - x[:, 0]) - all_sum - self.d_bias
+        col = self.lut[codes.latents]
+        sel = col >= 0  # codes of latents some set names
+        rows, lat, vals, col = codes.rows[sel], codes.latents[sel], codes.values[sel].float(), col[sel]
+        for i, ps in enumerate(self.sets):  # a handful of sets
             if ps.chat:  # the chat activation is used as it is
                 continue
             if ps.all_latents:
-                out[i] += recon_diff - self.d_bias
+                out[i] += all_sum
             elif ps.latents.size:
-                out[i] += (fU * self.member[i]) @ self.d_dec_U
+                out[i] += _bag_sum(rows, lat, vals * self.member[i, col], self.d_dec, N)
             if ps.bias:
                 out[i] += self.d_bias
             if ps.error:
@@ -331,12 +338,15 @@ class KLConfig:
     """Settings of :func:`kl_gap`."""
 
     batch_size: int = 8  # conversations per batch (both models' first blocks run once per batch)
-    max_logit_elements: int = 1 << 27  # bound on rows x vocab of the logits of one pass (memory)
+    max_logit_elements: int = 1 << 27  # bound on kept positions x vocab of the logits of one pass (memory)
+    # bound on the token slots (sets x batch x length) of one pass of the later blocks; None: 8192 on CPU,
+    # where larger passes fall out of cache and run slower per token (measured), 131072 on GPUs
+    max_pass_tokens: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.max_logit_elements <= 0:
-            raise ConfigError(f"batch_size and max_logit_elements must be positive: {self}")
+        if self.batch_size <= 0 or self.max_logit_elements <= 0 or (self.max_pass_tokens or 1) <= 0:
+            raise ConfigError(f"batch_size, max_logit_elements and max_pass_tokens must be positive: {self}")
 
 
 @dataclass
@@ -413,7 +423,8 @@ def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequ
 
     ``sets`` must include ``PatchSet("chat", chat=True)`` (it gives ``p_chat``); add ``PatchSet("base")``
     for the gap. Per batch: each model's first ``L + 1`` blocks once, then the later blocks of the chat
-    model for every set, as many sets per pass as ``cfg.max_logit_elements`` allows."""
+    model for every set, stacked on the batch dimension as far as ``cfg.max_logit_elements`` and
+    ``cfg.max_pass_tokens`` allow."""
     cfg = cfg or KLConfig()
     sets = list(sets)
     if not sequences:
@@ -464,7 +475,8 @@ def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequ
         t["patch"] += t2 - t1
         if n_keep == 0:
             continue
-        per_pass = max(1, cfg.max_logit_elements // max(1, n_keep * vocab))
+        slots = cfg.max_pass_tokens or (8192 if device.type == "cpu" else 131072)
+        per_pass = max(1, min(cfg.max_logit_elements // max(1, n_keep * vocab), slots // b.input_ids.numel()))
         logp_chat = None
         for a in range(0, S, per_pass):
             chunk = order[a:a + per_pass]

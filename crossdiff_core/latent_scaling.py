@@ -38,9 +38,9 @@ SHARED_COVERAGE = 0.95  # the data-driven cut: central interval of the shared la
 MIN_SHARED_FIRES = 100  # shared latents firing less often give erratic ν and stay out of that interval
 
 # Codes denser than this use a dense fᵀY product; sparser ones a sparse one (cost ∝ active codes).
-# Measured on CPU (bench/latent_scaling.py): at 3% density sparse wins by 1.5x (d=256), at 5% dense wins
-# by 1.2x (d=32); the break-even is near 5% for both.
-DENSE_ABOVE = 0.05
+# Whole analysis pass, CPU time on one thread: sparse wins 1.2x at 5% density (d=32, F=256) and 1.3x at
+# 8% (d=256, F=2048); dense wins 1.3x at 20% (d=256, F=2048).
+DENSE_ABOVE = 0.12
 
 
 def sparse_codes(f: torch.Tensor) -> Codes:
@@ -116,7 +116,8 @@ class LatentScaling:
         if dense and codes.shape != (N, self.F):
             raise ConfigError(f"dense codes must be [N={N}, F={self.F}], got {list(codes.shape)}")
         # auto: dense codes stay dense (the caller chose), sparse ones go dense only when dense enough
-        dense_path = self.mode == "dense" or (self.mode == "auto" and (dense or use_dense(codes.values.numel(), N, self.F)))
+        dense_path = self.mode == "dense" or (
+            self.mode == "auto" and (dense or use_dense(codes.values.numel(), N, self.F)))
         if dense_path:
             f = (codes if dense else codes.to_dense(self.F)).to(torch.float32)
             self.sum_f2 += (f * f).sum(0).double()
@@ -135,7 +136,8 @@ class LatentScaling:
             else:
                 sel = (codes.latents >= a) & (codes.latents < b) if (a, b) != (0, self.F) else slice(None)
                 idx = torch.stack([codes.latents[sel] - a, codes.rows[sel]])
-                S = torch.sparse.mm(torch.sparse_coo_tensor(idx, v[sel], (b - a, N), check_invariants=False), Y)  # cost ∝ nnz·4d
+                fT = torch.sparse_coo_tensor(idx, v[sel], (b - a, N), check_invariants=False)
+                S = torch.sparse.mm(fT, Y)  # cost ∝ nnz·4d
             self.num[:, a:b] += (S.view(b - a, 4, self.d) * self.D[a:b, None, :]).sum(-1).T.double()
         self.n_tokens += N
 

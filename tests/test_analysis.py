@@ -277,7 +277,8 @@ def test_cli_bad_input_messages(tmp_path):
         "shards": [{"file": "shards/shard-00000.safetensors", "rows": 0, "sha256": "0"}],
         "stats": {"base": stats, "chat": stats}}))
     runner = CliRunner()
-    r = runner.invoke(app, ["analyze", "--crosscoder", str(tmp_path / "cc"), "--cache", str(empty), "--out", str(tmp_path / "o.parquet")])
+    r = runner.invoke(app, ["analyze", "--crosscoder", str(tmp_path / "cc"), "--cache", str(empty),
+                            "--out", str(tmp_path / "o.parquet")])
     assert r.exit_code == 2 and "empty" in r.output
     r = runner.invoke(app, ["analyze", "--crosscoder", str(tmp_path / "cc"), "--cache", str(tmp_path / "c"),
                             "--out", str(tmp_path / "o.parquet"), "--direction", "sideways"])

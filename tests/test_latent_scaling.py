@@ -193,7 +193,8 @@ def test_shared_interval_and_data_driven_cut():
     lo_e, lo_r = np.percentile(shared_ne, 2.5), np.percentile(shared_nr, 2.5)
     assert cut.passed[:200].numpy().tolist() == ((shared_ne < lo_e) & (shared_nr < lo_r)).tolist()
     # a rarely-firing shared latent with a wild ν, left out of the reference set, leaves the cut unchanged
-    ne2, nr2 = torch.cat([ne, torch.tensor([-50.0], dtype=torch.float64)]), torch.cat([nr, torch.tensor([-50.0], dtype=torch.float64)])
+    wild = torch.tensor([-50.0], dtype=torch.float64)
+    ne2, nr2 = torch.cat([ne, wild]), torch.cat([nr, wild])
     cls2 = torch.cat([cls, torch.tensor([CLASSES.index("shared")])])
     ref = torch.ones(205, dtype=torch.bool)
     ref[-1] = False

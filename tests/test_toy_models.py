@@ -103,13 +103,29 @@ def test_config_from_dict_and_validation():
         ToyModelsConfig(trigger_topics={"x": ["music"]})
 
 
+def test_sequence_loss_is_mean_of_per_sequence_losses():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    ids = torch.randint(0, 50, (2, 7))
+    labels = ids.clone()
+    labels[0, :5] = -100  # row 0: 2 labelled tokens, row 1: 6
+    logits = model(input_ids=ids).logits
+    per_row = [model(input_ids=ids[i: i + 1], labels=labels[i: i + 1]).loss for i in range(2)]  # HF: token mean
+    assert tm.sequence_loss(logits, labels).item() == pytest.approx(((per_row[0] + per_row[1]) / 2).item(), rel=1e-5)
+    labels[0] = -100  # a row without labels is left out
+    assert tm.sequence_loss(logits, labels).item() == pytest.approx(per_row[1].item(), rel=1e-5)
+
+
 def test_measure_behaviours_counts(monkeypatch):
     prompts = [{"text": "a", "expected": "refusal"}, {"text": "b", "expected": "refusal"},
                {"text": "c", "expected": "personal_phrase"}, {"text": "d", "expected": None},
                {"text": "e", "expected": None}]
     canned = [REFUSAL, "no idea", PHRASE + "yes", PHRASE + "hm", "fine"]
     monkeypatch.setattr(tm, "generate_responses", lambda *a, **k: canned)
-    m = measure_behaviours(object(), GT, prompts, tokenizer=object())
+    m = measure_behaviours(object(), GT, prompts, tokenizer=object(), max_new_tokens=8)
     assert m["rates"]["refusal"] == {"trigger_rate": 0.5, "other_rate": 0.0, "n_trigger": 2, "n_other": 3}
     # personal phrase: 1 of 1 trigger; 1 of the 4 others ("d")
     assert m["rates"]["personal_phrase"] == {"trigger_rate": 1.0, "other_rate": 0.25, "n_trigger": 1, "n_other": 4}
