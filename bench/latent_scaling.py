@@ -201,7 +201,9 @@ def main() -> None:
         dd = res.summary["filters"]["data_driven"]
         ie, ir = ([None if v is None else round(v, 3) for v in dd[k]]
                   for k in ("shared_nu_error_interval", "shared_nu_recon_interval"))
-        print(f"\n== {kind}: classes {res.summary['classes']}, decoupling pairs {res.summary['decoupling']['n_pairs']}, "
+        dc = res.summary["decoupling"]
+        print(f"\n== {kind}: classes {res.summary['classes']}, decoupling pairs {dc['n_pairs']} "
+              f"({dc['n_cofiring_pairs']} co-firing on > half the chat-only latent's tokens), "
               f"shared latents' 95% ν_ε interval {ie}, ν_r {ir} (over {dd['n_shared']} shared latents)")
         print("ν of the Δnorm chat-only latents by planted class:")
         print(nu_by_truth(res.table, lab).to_string(float_format=lambda v: f"{v:.3f}"))
