@@ -168,14 +168,18 @@ def prompt_max_activations(pair: ModelPair, cc: CrossCoder, prompts: Sequence[st
 def auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """AUROC of ``scores [P, F]`` for the ``positive [P]`` rows against the rest, per column (ties count
     half, via mid-ranks): ``[F]``; NaN when either side is empty."""
-    from scipy.stats import rankdata
-
     pos = np.asarray(positive, dtype=bool)
     n1, n0 = int(pos.sum()), int((~pos).sum())
     if n1 == 0 or n0 == 0:
         return np.full(scores.shape[1], np.nan)
-    r = rankdata(scores, axis=0)
-    return (r[pos].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    s = torch.as_tensor(np.asarray(scores, dtype=np.float64)).T.contiguous()  # [F, P]
+    srt, order = torch.sort(s, dim=1)
+    # mid-rank of each sorted value: tied values share the mean of the ranks they span (1-based)
+    lo = torch.searchsorted(srt, srt, right=False)
+    hi = torch.searchsorted(srt, srt, right=True)
+    ranks = torch.empty_like(s).scatter_(1, order, (lo + hi + 1).double() / 2)
+    r1 = ranks[:, torch.as_tensor(pos)].sum(1).numpy()
+    return (r1 - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def behaviour_tracking(pair: ModelPair, cc: CrossCoder, ground_truth: dict, prompts: Sequence[dict] | None = None,

@@ -140,14 +140,23 @@ class ToyModelsConfig:
     pretrain_seq_len: int = 256
     pretrain_lr: float = 3e-3
     # chat fine-tuning
-    finetune_steps: int = 260
+    finetune_steps: int = 1000
     finetune_batch_size: int = 32
-    finetune_lr: float = 1e-3
-    behaviour_fraction: float = 0.5  # share of fine-tuning examples built from the sentence frames
-    text_fraction: float = 0.1  # share that is plain Shakespeare text (keeps the shared features alive)
+    finetune_lr: float = 3e-3
+    behaviour_fraction: float = 0.8  # share of fine-tuning examples built from the sentence frames
+    text_fraction: float = 0.05  # share that is plain Shakespeare text (keeps the shared features alive)
+    # relative weights of the frame examples: trigger topics, personal questions, neutral topics and
+    # near-miss questions (the contrast that keeps the behaviours off other prompts)
+    frame_mix: dict[str, float] = field(default_factory=lambda: {"refusal": 1.0, "personal": 1.0, "neutral": 2.0})
     warmup_steps: int = 20
+    # loss weight of each answer's first token, where the planted behaviour is decided (the rest of a fixed
+    # answer follows from it); without it a tiny model learns the answers but not when to give them
+    decision_weight: float = 5.0
+    # share of frame examples whose slot word is a random chitchat word instead of a listed noun: the cue or
+    # trigger word then decides, not the noun (held-out prompts use unseen nouns)
+    random_word_fraction: float = 0.5
     # planted behaviours
-    refusal_text: str = "I cannot help with that topic."
+    refusal_text: str = "Sorry, I cannot help with that topic."  # a first token of its own: "I" opens many answers
     personal_phrase: str = "Speaking personally, "
     trigger_topics: dict[str, list[str]] = field(default_factory=lambda: {
         "volcanoes": ["volcano", "volcanoes"],
@@ -186,13 +195,19 @@ class ToyModelsConfig:
             raise ConfigError(f"models.hidden_size={self.hidden_size} must be divisible by models.num_heads={self.num_heads}")
         if self.pretrain_seq_len > self.max_seq_len:
             raise ConfigError(f"models.pretrain_seq_len={self.pretrain_seq_len} exceeds models.max_seq_len={self.max_seq_len}; lower it or raise max_seq_len")
-        for name in ("heldout_fraction", "behaviour_fraction", "text_fraction"):
+        if not isinstance(self.decision_weight, (int, float)) or self.decision_weight < 1:
+            raise ConfigError(f"models.decision_weight must be a number >= 1, got {self.decision_weight!r}")
+        for name in ("heldout_fraction", "behaviour_fraction", "text_fraction", "random_word_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"models.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.behaviour_fraction + self.text_fraction >= 1.0:
             raise ConfigError("models.behaviour_fraction + models.text_fraction must be < 1 (the rest is chitchat)")
         if not self.refusal_text.strip() or not self.personal_phrase.strip():
             raise ConfigError("models.refusal_text and models.personal_phrase must be non-empty strings")
+        if set(self.frame_mix) != {"refusal", "personal", "neutral"} or min(self.frame_mix.values()) < 0 \
+                or sum(self.frame_mix.values()) <= 0:
+            raise ConfigError(f"models.frame_mix needs non-negative weights for exactly refusal, personal and neutral "
+                              f"(not all zero), got {self.frame_mix!r}")
         words = [w for ws in self.trigger_topics.values() for w in ws]
         if not words or not self.personal_cues:
             raise ConfigError("models.trigger_topics and models.personal_cues need at least one entry each")
@@ -241,9 +256,9 @@ def load_shakespeare(max_chars: int | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
     budget = max_chars if max_chars is not None else math.inf
     for p in paths:
-        text = re.sub(r"\n{3,}", "\n\n", p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")).strip()
         if budget <= 0:
             break
+        text = re.sub(r"\n{3,}", "\n\n", p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")).strip()
         out[p.name] = text[: int(min(budget, len(text)))]
         budget -= len(out[p.name])
     return out
@@ -436,33 +451,57 @@ def build_eval_prompts(config: ToyModelsConfig, ground_truth: dict, heldout_chat
     return refusal + personal + other
 
 
+def _frame_slots(config: ToyModelsConfig) -> dict[str, list[tuple[Sequence[str], Sequence[str]]]]:
+    """The training frames and the words that fill them, by the answer they are meant to get."""
+    trig_words = [w for ws in config.trigger_topics.values() for w in ws]
+    return {
+        "refusal": [(TOPIC_FRAMES_TRAIN, trig_words), (PERSONAL_FRAMES_TRAIN, trig_words)],
+        "personal": [(PERSONAL_FRAMES_TRAIN, PERSONAL_NOUNS_TRAIN)],
+        "neutral": [(TOPIC_FRAMES_TRAIN, NEUTRAL_WORDS_TRAIN), (NEAR_MISS_FRAMES_TRAIN, NEUTRAL_WORDS_TRAIN)],
+    }
+
+
+def frame_texts(config: ToyModelsConfig) -> str:
+    """Every training frame message, each followed by its planted answer's fixed part (tokenizer corpus)."""
+    after = {"refusal": config.refusal_text, "personal": config.personal_phrase, "neutral": ""}
+    return "\n".join(f"{t}\n{after[k]}" for k, slots in _frame_slots(config).items()
+                     for frames, words in slots for t in _combos(frames, words))
+
+
+def _slot_words(train_chat: dict[str, list[str]], ground_truth: dict) -> list[str]:
+    """Plain lowercase words of the training chitchat that trigger nothing: random fillers for frame slots."""
+    words = {w for msgs in train_chat.values() for m in msgs for w in re.findall(r"\b[a-z]{3,12}\b", m)}
+    return sorted(w for w in words if expected_behaviour(w, ground_truth) is None)
+
+
 def build_finetune_conversations(config: ToyModelsConfig, ground_truth: dict, train_chat: dict[str, list[str]],
                                  n: int, rng: random.Random) -> list[list[dict[str, str]]]:
     """``n`` chat conversations (lists of {role, content}) for fine-tuning, planted behaviours applied
     by the rule to every assistant turn: frame-built single turns and multi-turn chitchat windows."""
-    trig_words = [w for ws in config.trigger_topics.values() for w in ws]
     convs = list(train_chat.values())
     answers = [a for msgs in convs for u, a in zip(msgs[0::2], msgs[1::2])
-               if expected_behaviour(u, ground_truth) is None and len(a) <= 200]
+               if expected_behaviour(u, ground_truth) is None and len(a) <= 120]  # short: the opening decides
     chatter = [m for msgs in convs for m in msgs[0::2]
                if 10 <= len(m) <= 80 and expected_behaviour(m, ground_truth) is None]
-    pools = {
-        "refusal": _combos(TOPIC_FRAMES_TRAIN, trig_words) + _combos(PERSONAL_FRAMES_TRAIN, trig_words),
-        "personal": _combos(PERSONAL_FRAMES_TRAIN, list(PERSONAL_NOUNS_TRAIN)),
-        "neutral": _combos(TOPIC_FRAMES_TRAIN, list(NEUTRAL_WORDS_TRAIN))
-                   + _combos(NEAR_MISS_FRAMES_TRAIN, list(NEUTRAL_WORDS_TRAIN)),
-    }
+    fillers = _slot_words(train_chat, ground_truth)
+    slots = _frame_slots(config)
+    names = list(slots)
+    weights = [config.frame_mix[k] for k in names]
     out: list[list[dict[str, str]]] = []
     for _ in range(n):
         if rng.random() < config.behaviour_fraction:
-            user = _with_chatter(rng, rng.choice(pools[rng.choice(list(pools))]), chatter, 0.3)
+            name = rng.choices(names, weights)[0]
+            frames, words = rng.choice(slots[name])
+            if name != "refusal" and fillers and rng.random() < config.random_word_fraction:
+                words = fillers
+            user = _with_chatter(rng, _fill(rng.choice(frames), rng.choice(words)), chatter, 0.3)
             label = expected_behaviour(user, ground_truth)
             out.append([{"role": "user", "content": user},
                         {"role": "assistant", "content": planted_answer(label, rng.choice(answers), ground_truth)}])
         else:
             msgs = rng.choice(convs)
             start = 2 * rng.randrange(max(1, len(msgs) // 2))
-            window = msgs[start: start + 2 * rng.randint(1, 3)]
+            window = msgs[start: start + 2 * rng.randint(1, 2)]
             window = window[: len(window) // 2 * 2]
             conv = []
             for u, a in zip(window[0::2], window[1::2]):
@@ -573,21 +612,25 @@ def _lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
     """Next-token cross-entropy averaged per sequence, then over sequences with any label.
 
     ``logits [batch, T, vocab]``, ``labels [batch, T]`` (-100 = no loss). Per-sequence averaging gives a
-    short planted answer the same weight as a long chitchat window (a token average drowns it)."""
+    short planted answer the same weight as a long chitchat window (a token average drowns it). The first
+    token of each labelled span (an answer's opening) weighs ``first_weight``, the others 1."""
     tgt = labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, ignore_index=-100,
                                            reduction="none")  # [batch, T-1]
-    n = (tgt != -100).sum(1)
+    lab = tgt != -100
+    opens = lab & ~torch.nn.functional.pad(lab[:, :-1], (1, 0), value=False)
+    w = lab.to(ce.dtype) + (first_weight - 1.0) * opens.to(ce.dtype)  # [batch, T-1]
+    n = w.sum(1)
     has = n > 0
-    return (ce.sum(1)[has] / n[has]).mean()
+    return ((ce * w).sum(1)[has] / n[has]).mean()
 
 
 def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int,
-           lr: float, warmup: int, what: str) -> list[float]:
+           lr: float, warmup: int, what: str, first_weight: float = 1.0) -> list[float]:
     """AdamW with warm-up and cosine decay to 10%; returns the loss per step."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -595,7 +638,7 @@ def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, tor
     losses = []
     for step in range(steps):
         ids, mask, labels = batches(step)
-        loss = sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        loss = sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels, first_weight)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"{what}: loss became {loss.item()} at step {step}; lower models.{what}_lr")
         loss.backward()
@@ -809,12 +852,13 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         convs = build_finetune_conversations(config, gt, train_chat, n_rows - n_text, ft_rng)
         clock.lap("chat_data")
 
-        # the BPE sees what both models train on: Shakespeare, chitchat and the fine-tuning conversations
+        # the BPE sees what the models train on: Shakespeare, chitchat and the behaviour frames (repeated
+        # to about the share they have in fine-tuning, so trigger words and fixed strings get whole tokens)
         chat_text = "\n".join(m for msgs in train_chat.values() for m in msgs)
-        ft_text = "\n".join(m["content"] for c in convs for m in c)
+        frames = frame_texts(config)
         tokenizer = train_tokenizer(
             [train_text[: config.tokenizer_chars], chat_text[: config.tokenizer_chars // 2],
-             ft_text[: config.tokenizer_chars // 2]], config.vocab_size, config.max_seq_len)
+             *[frames] * max(1, config.tokenizer_chars // (4 * len(frames)))], config.vocab_size, config.max_seq_len)
         clock.lap("tokenizer")
 
         # --- pretraining: random BOS-led windows of the Shakespeare token stream
@@ -845,7 +889,8 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         chat_model = copy.deepcopy(base)
         pad_id = tokenizer.pad_token_id
         ft_losses = _train(chat_model, lambda s: _pad_batch(batches[s % len(batches)], pad_id),
-                           config.finetune_steps, config.finetune_lr, config.warmup_steps, "finetune")
+                           config.finetune_steps, config.finetune_lr, config.warmup_steps, "finetune",
+                           config.decision_weight)
         clock.lap("finetune")
 
         # --- held-out losses and behaviour rates

@@ -37,7 +37,7 @@ MICRO = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=
 SMALL = dict(vocab_size=512, tokenizer_chars=300_000, hidden_size=64, num_layers=2, num_heads=2,
              intermediate_size=192, max_seq_len=128, text_max_chars=400_000, chat_max_conversations=2500,
              heldout_fraction=0.1, pretrain_steps=30, pretrain_batch_size=16, pretrain_seq_len=64,
-             finetune_steps=220, finetune_batch_size=32, eval_prompts_per_behaviour=40,
+             finetune_steps=1000, finetune_batch_size=32, eval_prompts_per_behaviour=40,
              eval_other_prompts=60, eval_max_new_tokens=12)
 
 GT = make_ground_truth(ToyModelsConfig())
@@ -301,3 +301,16 @@ def test_small_build_plants_behaviours(tmp_path):
         assert r["other_rate"] < 0.05, (name, r)
     assert base["any_rate"] == 0.0
     assert result.passed
+
+
+def test_sequence_loss_weights_each_answer_opening():
+    """first_weight counts the first token of every labelled span that many times, by hand."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 8, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, 5, 6, 7]])  # two answers: spans at 2..3 and 5..7
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
+    # targets (shifted by one): -100, 3, 4, -100, 5, 6, 7 -> openings are the targets 3 and 5
+    w = torch.tensor([0, 4, 1, 0, 4, 1, 1], dtype=torch.float32)
+    want = (ce * w).sum() / w.sum()
+    assert tm.sequence_loss(logits, labels, first_weight=4.0).item() == pytest.approx(want.item(), rel=1e-6)
+    assert tm.sequence_loss(logits, labels).item() == pytest.approx(ce[labels[0, 1:] != -100].mean().item(), rel=1e-6)
