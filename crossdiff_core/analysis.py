@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .crosscoder import Codes, CrossCoder, _atomic
+from .crosscoder import Codes, CrossCoder
+from .fileio import atomic_write, write_json
 from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, decoder_stats
 from .errors import CacheError, ConfigError, CrossdiffError, ModelMismatchError
 from .latent_scaling import (DIRECTIONS, MIN_SHARED_FIRES, NU_ERROR_MAX, NU_RECON_MAX, SHARED_COVERAGE,
@@ -389,15 +390,25 @@ def write_latents(table: pd.DataFrame, path: str | os.PathLike, metadata: dict |
     t = pa.Table.from_pandas(table[list(LATENT_COLUMNS)], schema=schema, preserve_index=False)
     if metadata:
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), b"crossdiff": json.dumps(metadata).encode()})
-    _atomic(path, lambda p: pq.write_table(t, p))
+    atomic_write(path, lambda p: pq.write_table(t, p))
     return path
 
 
-def write_json(obj: dict, path: str | os.PathLike) -> Path:
+def read_latents(path: str | os.PathLike, model: CrossCoder | None = None,
+                 columns: tuple[str, ...] = ("latent", "class", "delta_norm", "max_act", "nu_rank")) -> pd.DataFrame:
+    """``latents.parquet``, checked: it has ``columns`` (what the evaluations read) and, when ``model`` is
+    given, one row per latent of it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
-    return path
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: write it with `crossdiff analyze` for this crosscoder")
+    table = pd.read_parquet(path)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{path} lacks the columns {missing}: it is not a latents table of `crossdiff analyze`")
+    if model is not None and len(table) != model.cfg.dict_size:
+        raise ModelMismatchError(f"{path} describes {len(table)} latents, the crosscoder has {model.cfg.dict_size}: "
+                                 "pass the latents.parquet that `crossdiff analyze` wrote for this crosscoder")
+    return table
 
 
 def default_summary_path(out: str | os.PathLike) -> Path:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import threading
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ import torch
 from safetensors.torch import save_file
 
 from crossdiff_core.errors import CacheError, ConfigError
+from crossdiff_core.fileio import atomic_write, tmp_name
+from crossdiff_core.fileio import fsync_file as _fsync
 
 __all__ = ["ActivationCache", "CacheWriter", "TOKEN_SCHEMA", "cache_summary", "shard_name"]
 
@@ -87,29 +88,8 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _tmp_path(final: Path) -> Path:
-    # Unique per writer so concurrent writers (one per dataset slice) never share a temp file.
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_bytes_atomic(final: Path, data: bytes) -> None:
-    tmp = _tmp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(final, lambda p: Path(p).write_bytes(data), fsync=True)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -395,7 +375,7 @@ class CacheWriter:
             final = self.path / shard_name(index)
             side_path = self.path / _sidecar_name(index)
             side_path.unlink(missing_ok=True)  # the shard is incomplete from here until the new sidecar lands
-            tmp = _tmp_path(final)
+            tmp = tmp_name(final)
             try:
                 save_file(tensors, tmp)
                 _fsync(tmp)
@@ -405,7 +385,7 @@ class CacheWriter:
                 tmp.unlink(missing_ok=True)
             st = final.stat()
             tok_final = self.path / _shard_tokens_name(index)
-            tok_tmp = _tmp_path(tok_final)
+            tok_tmp = tmp_name(tok_final)
             try:
                 pq.write_table(table, tok_tmp)
                 _fsync(tok_tmp)
@@ -508,7 +488,7 @@ class CacheWriter:
 
     def _write_tokens(self, n_shards: int) -> None:
         final = self.path / TOKENS
-        tmp = _tmp_path(final)
+        tmp = tmp_name(final)
         writer = None
         try:
             for i in range(n_shards):

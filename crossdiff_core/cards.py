@@ -12,6 +12,7 @@ activations of the context windows, encoded once.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -229,3 +230,30 @@ def latent_cards(cc: CrossCoder, cache, table: pd.DataFrame, latents: Sequence[i
             card["tracking"] = {k: num(v) for k, v in track.loc[int(j)].items()}
         cards.append(card)
     return {"cards": cards, "n_tokens": cache.n_tokens, "config": asdict(cfg), "seconds": time.perf_counter() - t0}
+
+
+def cards_for(crosscoder: str | os.PathLike, latents: str | os.PathLike, cache_dir: str | os.PathLike,
+              cfg: CardsConfig | None = None, *, steering: dict | None = None, tracking: pd.DataFrame | None = None,
+              tokenizer: str | None = None) -> dict:
+    """:func:`latent_cards` of :func:`card_latents` for a crosscoder directory, its ``latents.parquet`` and
+    an activation cache; the tokenizer defaults to the chat model the cache records."""
+    from transformers import AutoTokenizer
+
+    from .analysis import read_latents
+    from .cache import ActivationCache
+
+    cfg = cfg or CardsConfig()
+    cc = CrossCoder.load(crosscoder, device=cfg.device)
+    table = read_latents(latents, cc)
+    cache = ActivationCache(cache_dir)
+    tok_dir = tokenizer or (cache.manifest.get("models") or {}).get("chat")
+    if not tok_dir:
+        raise ConfigError(f"the cache {cache_dir} records no chat model: pass the tokenizer directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer from {tok_dir!r} ({exc}): pass the tokenizer directory") from exc
+    chosen = card_latents(table, n_shared=cfg.n_shared, seed=cfg.seed, max_chat_only=cfg.max_chat_only)
+    res = latent_cards(cc, cache, table, chosen, tok, cfg, steering=steering, tracking=tracking)
+    res["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents), "cache": str(cache_dir), "tokenizer": tok_dir}
+    return res

@@ -185,7 +185,8 @@ def synth_score(
     from .errors import ConfigError, CrossdiffError
 
     try:
-        from .crosscoder import CrossCoder, _atomic
+        from .crosscoder import CrossCoder
+        from .fileio import atomic_write
         from .synthetic import load_truth, score
 
         model = CrossCoder.load(crosscoder)
@@ -200,8 +201,8 @@ def synth_score(
     if out:
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(target, lambda p: Path(p).write_text(text + "\n"))
-        _atomic(target.with_suffix(".parquet"), lambda p: matches.to_parquet(p, index=False))
+        atomic_write(target, lambda p: Path(p).write_text(text + "\n"))
+        atomic_write(target.with_suffix(".parquet"), lambda p: matches.to_parquet(p, index=False))
     typer.echo(text)
 
 
@@ -261,14 +262,6 @@ def cache_info(
     typer.echo(json.dumps(summary, indent=2))
 
 
-def _check_latents_table(table, cc, path: str) -> None:
-    from .errors import ModelMismatchError
-
-    if len(table) != cc.cfg.dict_size or "max_act" not in table:
-        raise ModelMismatchError(f"{path} describes {len(table)} latents, the crosscoder has {cc.cfg.dict_size}: "
-                                 "pass the latents.parquet that `crossdiff analyze` wrote for this crosscoder")
-
-
 @app.command()
 def evaluate(
     crosscoder: str = typer.Option(..., help="trained crosscoder directory"),
@@ -294,26 +287,14 @@ def evaluate(
     from .errors import CrossdiffError
 
     try:
-        import pandas as pd
+        from .data import DataConfig
+        from .fileio import write_json
+        from .kl_eval import KLConfig, evaluate_crosscoder
 
-        from .analysis import write_json
-        from .crosscoder import CrossCoder
-        from .data import DataConfig, build_corpus
-        from .kl_eval import KLConfig, default_sets, kl_gap, pair_for
-        from .models import resolve_device
-
-        dev = str(resolve_device(device))
-        cc = CrossCoder.load(crosscoder, device=dev)
-        pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
-        table = pd.read_parquet(latents)
-        _check_latents_table(table, cc, latents)
         data = DataConfig(chats=list(chats), n_tokens=tokens, max_length=max_length, seed=seed, split=split)
-        seqs = build_corpus(pair.tokenizer, data).sequences
-        res = kl_gap(pair, cc, seqs, default_sets(table, n_random=n_random, seed=seed),
-                     KLConfig(batch_size=batch_size, progress=progress))
-        d = res.to_dict()
-        d["inputs"] = {"crosscoder": crosscoder, "latents": latents, "models": {"base": pair.base_name, "chat": pair.chat_name},
-                       "layer": pair.layer, "data": data.to_dict(), "dtype": dtype, "device": dev}
+        d = evaluate_crosscoder(crosscoder, latents, data, n_random=n_random, seed=seed,
+                                cfg=KLConfig(batch_size=batch_size, progress=progress), dtype=dtype, device=device,
+                                base=base, chat=chat, layer=layer)
         write_json(d, out)
     except CrossdiffError as err:
         _fail(err)
@@ -352,60 +333,29 @@ def steer(
     from .errors import ConfigError, CrossdiffError
 
     try:
-        import pandas as pd
-
-        from .analysis import write_json
-        from .crosscoder import CrossCoder, _atomic
-        from .kl_eval import pair_for
-        from .models import resolve_device
-        from .steering import (SteerConfig, behaviour_tracking, read_prompts, run_steering, select_latents,
-                               subsample_prompts)
+        from .fileio import atomic_write, write_json
+        from .steering import SteerConfig, headline, read_prompts, steer_crosscoder
 
         try:
             sweep = tuple(float(a) for a in alphas.split(",") if a.strip())
         except ValueError as exc:
             raise ConfigError(f"--alphas must be comma-separated numbers, got {alphas!r}") from exc
-        dev = str(resolve_device(device))
-        cc = CrossCoder.load(crosscoder, device=dev)
-        pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
-        table = pd.read_parquet(latents)
-        _check_latents_table(table, cc, latents)
-        gt = None
-        if ground_truth:
-            from .toy_models import load_ground_truth
-
-            gt = load_ground_truth(ground_truth)
-        if prompts:
-            plist = read_prompts(prompts)
-        elif gt is not None:
-            plist = list(gt["eval_prompts"])
-        else:
+        if not prompts and not ground_truth:
             raise ConfigError("no prompts: pass --prompts FILE or --ground-truth")
-        plist = subsample_prompts(plist, max_prompts, seed)
-        track = None
-        if gt is not None:
-            track = behaviour_tracking(pair, cc, gt, plist, batch_size=batch_size)
-            tpath = Path(tracking) if tracking else Path(out).with_suffix(".tracking.parquet")
-            tpath.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(tpath, lambda p: track.to_parquet(p, index=False))
-        chosen = list(latent) if latent else select_latents(table, n_top=n_top, n_shared=n_shared, tracking=track,
-                                                            n_tracking=n_tracking, seed=seed)
         cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-        res = run_steering(pair, cc, table, chosen, plist, cfg, ground_truth=gt)
-        res["inputs"] = {"crosscoder": crosscoder, "latents": latents, "ground_truth": ground_truth, "prompts": prompts,
-                         "models": {"base": pair.base_name, "chat": pair.chat_name}, "layer": pair.layer}
+        res, track = steer_crosscoder(crosscoder, latents, prompts=read_prompts(prompts) if prompts else None,
+                                      ground_truth=ground_truth, steer_latents=latent or None, n_top=n_top,
+                                      n_tracking=n_tracking, n_shared=n_shared, max_prompts=max_prompts, seed=seed,
+                                      cfg=cfg, dtype=dtype, device=device, base=base, chat=chat, layer=layer)
+        res["inputs"]["prompts"] = prompts
+        if track is not None:
+            tpath = Path(tracking) if tracking else Path(out).with_suffix(".tracking.parquet")
+            atomic_write(tpath, lambda p: track.to_parquet(p, index=False))
         write_json(res, out)
     except CrossdiffError as err:
         _fail(err)
-    from .steering import refusal_effects
-
-    eff = refusal_effects(res) if res.get("has_ground_truth") else None
-    summary = {"latents": chosen, "alphas": list(sweep), "seconds": round(res["seconds"], 1)}
-    if eff is not None and len(eff):
-        best = eff.sort_values("rise", ascending=False).iloc[0]
-        summary["base_refusal_best"] = {"latent": int(best["latent"]), "class": best["class"], "alpha": float(best["alpha"]),
-                                        "trigger_rate": best["trigger_rate"], "unsteered": best["trigger_rate_unsteered"]}
-    typer.echo(json.dumps(summary, indent=1))
+    typer.echo(json.dumps(headline(res) | {"steered": [lat["latent"] for lat in res["latents"]], "alphas": list(sweep)},
+                          indent=1))
 
 
 @app.command()
@@ -430,36 +380,18 @@ def cards(
     """Latent cards: top contexts with per-token activations, histogram and statistics per latent."""
     import json
 
-    from .errors import ConfigError, CrossdiffError
+    from .errors import CrossdiffError
 
     try:
         import pandas as pd
 
-        from .analysis import write_json
-        from .cache import ActivationCache
-        from .cards import CardsConfig, card_latents, latent_cards
-        from .crosscoder import CrossCoder
+        from .cards import CardsConfig, cards_for
+        from .fileio import write_json
 
-        cc = CrossCoder.load(crosscoder, device=device)
-        table = pd.read_parquet(latents)
-        _check_latents_table(table, cc, latents)
-        act = ActivationCache(cache)
-        tok_dir = tokenizer or (act.manifest.get("models") or {}).get("chat")
-        if not tok_dir:
-            raise ConfigError(f"the cache {cache} records no chat model: pass --tokenizer DIR")
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(tok_dir)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load the tokenizer from {tok_dir!r} ({exc}): pass --tokenizer DIR") from exc
         cfg = CardsConfig(n_contexts=n_contexts, before=before, after=after, n_shared=n_shared,
                           max_chat_only=max_chat_only, batch_size=batch_size, seed=seed, device=device, progress=progress)
-        steer_res = json.loads(open(steering).read()) if steering else None
-        track = pd.read_parquet(tracking) if tracking else None
-        res = latent_cards(cc, act, table, card_latents(table, n_shared=n_shared, seed=seed, max_chat_only=max_chat_only),
-                           tok, cfg, steering=steer_res, tracking=track)
-        res["inputs"] = {"crosscoder": crosscoder, "latents": latents, "cache": cache, "tokenizer": tok_dir}
+        res = cards_for(crosscoder, latents, cache, cfg, steering=json.loads(open(steering).read()) if steering else None,
+                        tracking=pd.read_parquet(tracking) if tracking else None, tokenizer=tokenizer)
         write_json(res, out)
     except CrossdiffError as err:
         _fail(err)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +17,7 @@ import torch.nn.functional as Fn
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, CrossdiffError
+from .fileio import atomic_write
 
 KINDS = ("l1", "batchtopk")
 
@@ -287,10 +286,10 @@ class CrossCoder(torch.nn.Module):
         }
         if self.cfg.kind == "batchtopk":
             tensors["threshold"] = self.threshold.detach().reshape(()).contiguous().cpu()
-        _atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
         cfg = asdict(self.cfg)
         cfg["dtype"] = str(self.W_enc.dtype).removeprefix("torch.")
-        _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
         return out
 
     @classmethod
@@ -366,19 +365,3 @@ def sparse_decode(codes: Codes, W_dec: torch.Tensor, b_dec: torch.Tensor | None)
     if b_dec is not None:
         out = out + b_dec
     return out
-
-
-def _atomic(target: Path, write) -> None:
-    """Write via ``write(tmp_path)`` then rename over ``target`` (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

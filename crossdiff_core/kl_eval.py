@@ -26,6 +26,7 @@ blocks up to ``L`` swapped for stand-ins that skip them and hand over the patche
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -500,3 +501,35 @@ def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequ
     with np.errstate(invalid="ignore", divide="ignore"):
         kl = np.where(n > 0, kl_sum.cpu().numpy() / np.maximum(n, 1), np.nan)
     return KLResult(sets, kl, n, len(sequences), t, cfg)
+
+
+def evaluate_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, data: Any, *, n_random: int = 5,
+                        seed: int = 0, cfg: KLConfig | None = None, dtype: str = "float32", device: str = "cpu",
+                        base: str | None = None, chat: str | None = None, layer: int | None = None) -> dict:
+    """The KL gap of :func:`default_sets` for a crosscoder directory and its ``latents.parquet``, on the
+    chat conversations of ``data`` (a :class:`~crossdiff_core.data.DataConfig`). Models and layer default
+    to those of the crosscoder's training cache. Returns :meth:`KLResult.to_dict` plus ``inputs``."""
+    from .analysis import read_latents
+    from .data import build_corpus
+    from .models import resolve_device
+
+    dev = str(resolve_device(device))
+    cc = CrossCoder.load(crosscoder, device=dev)
+    table = read_latents(latents, cc)
+    pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
+    seqs = build_corpus(pair.tokenizer, data).sequences
+    d = kl_gap(pair, cc, seqs, default_sets(table, n_random=n_random, seed=seed), cfg).to_dict()
+    d["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents), "layer": pair.layer,
+                   "models": {"base": pair.base_name, "chat": pair.chat_name}, "data": data.to_dict(),
+                   "dtype": dtype, "device": dev}
+    return d
+
+
+def headline(d: dict) -> dict:
+    """The numbers of an evaluation worth a metric: per token group the mean share of the gap closed by
+    each group of sets (random sets), and per other set its share."""
+    out = {f"gap_closed_mean.{g}": v.get("gap_closed_mean") for g, v in d.get("groups", {}).items()}
+    for r in d.get("sets", []):
+        if not r.get("group") and isinstance(r.get("gap_closed"), dict):
+            out.update({f"gap_closed.{r['name']}.{g}": v for g, v in r["gap_closed"].items()})
+    return out

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .crosscoder import _atomic  # noqa: E402
+from .fileio import atomic_write  # noqa: E402
 from .decoder_norms import CHAT_ONLY, CLASSES, SHARED  # noqa: E402
 from .latent_scaling import TARGETS  # noqa: E402
 
@@ -22,7 +22,7 @@ CLASS_COLOURS = {"chat_only": "tab:red", "base_only": "tab:blue", "shared": "tab
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
     plt.close(fig)
     return path
 

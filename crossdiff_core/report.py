@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .crosscoder import _atomic
+from .fileio import atomic_write
 from .decoder_norms import CHAT_ONLY, CLASSES
 from .errors import CrossdiffError
 from .kl_eval import CATEGORIES
@@ -545,12 +545,12 @@ def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title
         f=_fmt, pct=_pct, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         inputs="; ".join(f"{r.name}: " + ", ".join(f"{k}={v}" for k, v in r.paths.items()) for r in runs))
     paths = {"html": out / "report.html", "json": out / "report.json", "kl_plot": out / "kl_gap.json"}
-    _atomic(paths["html"], lambda p: Path(p).write_text(page, encoding="utf-8"))
-    _atomic(paths["json"], lambda p: Path(p).write_text(json.dumps(numbers, indent=2, allow_nan=False) + "\n"))
+    atomic_write(paths["html"], lambda p: Path(p).write_text(page, encoding="utf-8"))
+    atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(numbers, indent=2, allow_nan=False) + "\n"))
     records = [{"crosscoder": r.name, "set": row["set"], "category": c, "gap_closed": _num(row[f"gap_{c}"]),
                 "kl": _num(row[f"kl_{c}"])}
                for r in runs for row in kl_table(r).to_dict("records") for c in CATEGORIES]
-    _atomic(paths["kl_plot"], lambda p: Path(p).write_text(json.dumps(records, indent=1, allow_nan=False) + "\n"))
+    atomic_write(paths["kl_plot"], lambda p: Path(p).write_text(json.dumps(records, indent=1, allow_nan=False) + "\n"))
     paths["figures"] = figdir
     return paths
 

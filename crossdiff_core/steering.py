@@ -16,6 +16,7 @@ trigger a behaviour and the others by AUROC (1 = fires more on every trigger pro
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from .crosscoder import CrossCoder
 from .decoder_norms import CHAT_ONLY, SHARED
 from .errors import ConfigError, CrossdiffError
+from .fileio import json_safe
 from .models import ModelPair, decoder_layers
 
 DEFAULT_ALPHAS = (-0.5, 0.5, 1.0, 1.5)
@@ -266,6 +268,22 @@ def read_prompts(path: str) -> list[dict]:
     return out
 
 
+def first_user_turns(chats: Sequence[str], messages_column: str = "messages", n: int = 200) -> list[dict]:
+    """Prompts from chat data (files or ``datasets`` names with a ``messages`` column): the first user
+    message of each conversation, at most ``n``."""
+    from .data import load_source
+
+    out: list[dict] = []
+    for spec in chats:
+        for msgs in load_source(spec).select_columns([messages_column])[messages_column]:
+            user = next((m["content"] for m in msgs or [] if m.get("role") == "user"), None)
+            if user:
+                out.append({"text": user, "expected": None})
+            if len(out) >= n:
+                return out
+    return out
+
+
 # ---- the sweep -----------------------------------------------------------------------------------
 
 @dataclass
@@ -302,16 +320,6 @@ def _example_indices(prompts: Sequence[dict], n: int) -> list[int]:
             if idx and len(out) < n:
                 out.append(idx.pop(0))
     return sorted(out)
-
-
-def _finite(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
 
 
 def _measure(model: nn.Module, tokenizer: Any, prompts: list[dict], ground_truth: dict | None,
@@ -378,7 +386,7 @@ def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: 
                             for k in sorted({str(p.get("expected")) for p in prompts})},
            "has_ground_truth": ground_truth is not None, "baseline": baseline, "latents": results,
            "config": asdict(cfg), "seconds": time.perf_counter() - t0}
-    return _finite(out)
+    return json_safe(out)
 
 
 def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base") -> pd.DataFrame:
@@ -402,3 +410,56 @@ def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base"
     if len(df):
         df["rise"] = df["trigger_rate"].astype(float) - df["trigger_rate_unsteered"].astype(float)
     return df
+
+
+def steer_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, *, prompts: Sequence[dict] | None = None,
+                     ground_truth: str | os.PathLike | None = None, steer_latents: Sequence[int] | None = None,
+                     n_top: int = 8, n_tracking: int = 4, n_shared: int = 2, max_prompts: int | None = None,
+                     seed: int = 0, cfg: SteerConfig | None = None, dtype: str = "float32", device: str = "cpu",
+                     base: str | None = None, chat: str | None = None, layer: int | None = None
+                     ) -> tuple[dict, pd.DataFrame | None]:
+    """Behaviour tracking (with a ground truth), the choice of latents and the steering sweep for a
+    crosscoder directory and its ``latents.parquet``. Prompts: ``prompts``, else the ground truth's
+    held-out prompts; at most ``max_prompts`` (each behaviour keeps its share). Returns the
+    :func:`run_steering` result (plus ``inputs``) and the tracking table (None without a ground truth)."""
+    from .analysis import read_latents
+    from .kl_eval import pair_for
+    from .models import resolve_device
+
+    cfg = cfg or SteerConfig()
+    dev = str(resolve_device(device))
+    cc = CrossCoder.load(crosscoder, device=dev)
+    table = read_latents(latents, cc)
+    gt = None
+    if ground_truth:
+        from .toy_models import load_ground_truth
+
+        gt = load_ground_truth(ground_truth)
+    if prompts is None:
+        if gt is None:
+            raise ConfigError("steering needs prompts: pass a prompt file or a planted-behaviour ground truth")
+        prompts = gt["eval_prompts"]
+    plist = subsample_prompts(prompts, max_prompts, seed)
+    pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
+    track = behaviour_tracking(pair, cc, gt, plist, batch_size=cfg.batch_size) if gt is not None else None
+    chosen = [int(j) for j in steer_latents] if steer_latents else select_latents(
+        table, n_top=n_top, n_shared=n_shared, tracking=track, n_tracking=n_tracking, seed=seed)
+    res = run_steering(pair, cc, table, chosen, plist, cfg, ground_truth=gt)
+    res["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents),
+                     "ground_truth": str(ground_truth) if ground_truth else None,
+                     "models": {"base": pair.base_name, "chat": pair.chat_name}, "layer": pair.layer}
+    return res, track
+
+
+def headline(res: dict, behaviour: str = "refusal") -> dict:
+    """The numbers of a sweep worth a metric: how many latents were steered and, with a ground truth, the run that
+    raised the base model's ``behaviour`` trigger rate most (latent, class, a, rate, unsteered rate)."""
+    out: dict[str, Any] = {"latents": len(res["latents"]), "seconds": res.get("seconds")}
+    eff = refusal_effects(res, behaviour) if res.get("has_ground_truth") else pd.DataFrame()
+    if len(eff):
+        best = eff.sort_values(["rise", "latent"], ascending=[False, True], kind="stable").iloc[0]
+        out[f"base_{behaviour}_best"] = {"latent": int(best["latent"]), "class": best["class"],
+                                         "alpha": float(best["alpha"]), "trigger_rate": float(best["trigger_rate"]),
+                                         "unsteered": float(best["trigger_rate_unsteered"]),
+                                         "other_rate": float(best["other_rate"])}
+    return out

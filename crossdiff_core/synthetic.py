@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .crosscoder import _atomic
+from .fileio import atomic_write
 from .decoder_norms import CLASSES, class_codes, decoder_stats, delta_norm
 from .errors import CacheError, ConfigError
 
@@ -164,11 +164,11 @@ class Truth:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self._tensors().items()}
-        _atomic(out / TRUTH_TENSORS, lambda p: save_file(tensors, str(p)))
+        atomic_write(out / TRUTH_TENSORS, lambda p: save_file(tensors, str(p)))
         meta = {"version": TRUTH_VERSION, "classes": list(PLANTED_CLASSES), "counts": self.config.counts,
                 "config": asdict(self.config),
                 "mixing": "x_m = g_m (sum_i a_i scale_m[i] dir_m[i] + noise_std eps_m); g_base=1, g_chat=chat_gain"}
-        _atomic(out / TRUTH_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(out / TRUTH_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def load_truth(cache_dir: str | os.PathLike) -> Truth:

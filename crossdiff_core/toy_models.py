@@ -962,6 +962,63 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
     return ToyModelsResult(out, False, gt["passed"], gt["rates"], seconds)
 
 
+def export_corpus(toy_dir: str | os.PathLike, out_dir: str | os.PathLike, *, text_chars: int | None = None,
+                  conversations: int = 3000, eval_conversations: int = 0, paragraph_chars: int = 2000,
+                  seed: int = 0) -> dict[str, int]:
+    """The default pair's data for caching and evaluation, written into ``out_dir``:
+
+    - ``text.parquet`` (column ``text``): Shakespeare in paragraphs of about ``paragraph_chars``;
+    - ``chats.jsonl`` (column ``messages``): ``conversations`` chitchat conversations of the fine-tuning
+      split, then the ground truth's held-out prompts, each answered as the chat model was taught;
+    - ``eval_chats.jsonl``: up to ``eval_conversations`` conversations of the build's held-out split
+      (never fine-tuned on), for the KL evaluation.
+    Returns the row counts."""
+    import pandas as pd
+
+    from .fileio import atomic_write, write_jsonl
+
+    toy_dir, out = Path(toy_dir), Path(out_dir)
+    build = json.loads((toy_dir / "build.json").read_text())
+    heldout_fraction = float(build["config"]["heldout_fraction"])
+    rows: list[str] = []
+    for text in load_shakespeare(text_chars).values():
+        buf = ""
+        for para in text.split("\n\n"):
+            buf = f"{buf}\n\n{para}" if buf else para
+            if len(buf) >= paragraph_chars:
+                rows.append(buf)
+                buf = ""
+        if buf:
+            rows.append(buf)
+    atomic_write(out / "text.parquet", lambda p: pd.DataFrame({"text": rows}).to_parquet(p, index=False))
+
+    gt = load_ground_truth(toy_dir)
+    every = load_chitchat(build["config"].get("chat_max_conversations"))
+    train = [m for k, m in every.items() if not _is_heldout(k, heldout_fraction)][:conversations]
+    held_out = [m for k, m in every.items() if _is_heldout(k, heldout_fraction)][:eval_conversations]
+
+    def as_messages(msgs: list[str]) -> list[dict]:
+        turns = msgs[: len(msgs) // 2 * 2]
+        return [{"role": r, "content": m} for r, m in zip(("user", "assistant") * len(turns), turns)]
+
+    def taught(msgs: list[str]) -> list[dict]:
+        conv = as_messages(msgs)
+        for u, a in zip(conv[0::2], conv[1::2]):
+            a["content"] = planted_answer(expected_behaviour(u["content"], gt), a["content"], gt)
+        return conv
+
+    chats = [taught(m) for m in train]
+    rng = random.Random(seed)
+    answers = [a for msgs in train for u, a in zip(msgs[0::2], msgs[1::2])
+               if len(a) <= 200 and expected_behaviour(u, gt) is None]
+    for p in gt["eval_prompts"]:
+        answer = planted_answer(expected_behaviour(p["text"], gt), rng.choice(answers), gt)
+        chats.append([{"role": "user", "content": p["text"]}, {"role": "assistant", "content": answer}])
+    write_jsonl([{"messages": c} for c in chats], out / "chats.jsonl")
+    write_jsonl([{"messages": taught(m)} for m in held_out], out / "eval_chats.jsonl")
+    return {"text_rows": len(rows), "conversations": len(chats), "eval_conversations": len(held_out)}
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     """Replace ``out`` by the finished ``tmp`` (an old build is moved aside first, then deleted)."""
     old = None

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .crosscoder import CrossCoder, CrossCoderConfig, _atomic
+from .crosscoder import CrossCoder, CrossCoderConfig
+from .fileio import atomic_write
 from .errors import CacheError, ConfigError, TrainingDivergedError
 from .metrics import _autocast, evaluate
 
@@ -135,7 +136,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic(self.out / CHECKPOINT, lambda p: torch.save(self._state(), p))
+        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(self._state(), p))
 
     def try_resume(self) -> bool:
         """Continue from ``out_dir/checkpoint.pt`` if it was written by the same configuration."""
@@ -290,7 +291,7 @@ def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     if not trainer.is_main:
         return metrics
     model.save(out_dir)
-    _atomic(Path(out_dir) / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2) + "\n"))
-    _atomic(Path(out_dir) / "history.json",
+    atomic_write(Path(out_dir) / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2) + "\n"))
+    atomic_write(Path(out_dir) / "history.json",
             lambda p: Path(p).write_text(json.dumps(result["history"], indent=2) + "\n"))
     return metrics

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from crossdiff_core.fileio import atomic_write, write_json, write_jsonl  # noqa: F401  (the tasks' writers)
 
 KEY_FILE = ".crossdiff-key"
 
@@ -29,36 +29,6 @@ def prepare_out(out: str | os.PathLike, key: str) -> bool:
     if not kept:
         atomic_write(kf, lambda p: Path(p).write_text(key + "\n"))
     return kept
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """``write(tmp)`` to a temporary name in ``path``'s directory, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
-
-
-def write_jsonl(rows: list[Any], path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -4,13 +4,12 @@ a hub pair. Either way it writes ``pair.json``, which the later stages read."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from .io import atomic_write, write_json, write_jsonl
+from .io import write_json
 
 PAIR_FILE = "pair.json"
 
@@ -32,48 +31,12 @@ def build_toy_pair(out_dir: str, toy: dict) -> dict:
 
 @task(name="export-toy-corpus", cache_policy=NONE)
 def export_toy_corpus(toy_dir: str, out_dir: str, *, text_chars: int | None, conversations: int,
-                      eval_conversations: int = 0, paragraph_chars: int = 2000, seed: int = 0) -> dict:
-    """Text and chat data for the cache: Shakespeare in paragraphs of about ``paragraph_chars``
-    (``text.parquet``, column ``text``) and ``conversations`` chitchat conversations plus the ground
-    truth's held-out prompts, each answered as the chat model was taught (``chats.jsonl``, column
-    ``messages``); and the next ``eval_conversations`` conversations for the KL evaluation
-    (``eval_chats.jsonl``)."""
-    import pandas as pd
+                      eval_conversations: int = 0, seed: int = 0) -> dict:
+    """:func:`crossdiff_core.toy_models.export_corpus`: text.parquet, chats.jsonl, eval_chats.jsonl."""
+    from crossdiff_core.toy_models import export_corpus
 
-    from crossdiff_core.toy_models import (expected_behaviour, load_chitchat, load_ground_truth, load_shakespeare,
-                                           planted_answer)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[str] = []
-    for text in load_shakespeare(text_chars).values():
-        buf = ""
-        for para in text.split("\n\n"):
-            buf = f"{buf}\n\n{para}" if buf else para
-            if len(buf) >= paragraph_chars:
-                rows.append(buf)
-                buf = ""
-        if buf:
-            rows.append(buf)
-    atomic_write(out / "text.parquet", lambda p: pd.DataFrame({"text": rows}).to_parquet(p, index=False))
-
-    gt = load_ground_truth(toy_dir)
-    every = list(load_chitchat(conversations + eval_conversations).values())
-    convs, held_out = every[:conversations], every[conversations:]
-
-    def as_messages(msgs: list[str]) -> list[dict]:
-        turns = msgs[: len(msgs) // 2 * 2]
-        return [{"role": r, "content": m} for r, m in zip(("user", "assistant") * len(turns), turns)]
-
-    chats = [as_messages(m) for m in convs]
-    rng = random.Random(seed)
-    answers = [a for msgs in convs for a in msgs[1::2] if len(a) <= 200]
-    for p in gt["eval_prompts"]:
-        answer = planted_answer(expected_behaviour(p["text"], gt), rng.choice(answers), gt)
-        chats.append([{"role": "user", "content": p["text"]}, {"role": "assistant", "content": answer}])
-    write_jsonl([{"messages": c} for c in chats], out / "chats.jsonl")
-    write_jsonl([{"messages": as_messages(m)} for m in held_out], out / "eval_chats.jsonl")
-    return {"text_rows": len(rows), "conversations": len(chats), "eval_conversations": len(held_out)}
+    return export_corpus(toy_dir, out_dir, text_chars=text_chars, conversations=conversations,
+                         eval_conversations=eval_conversations, seed=seed)
 
 
 @task(name="write-pair", cache_policy=NONE)

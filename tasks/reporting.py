@@ -13,29 +13,17 @@ from .io import write_json
 @task(name="latent-cards", cache_policy=NONE)
 def cards_task(crosscoder_dir: str, latents: str, cache_dir: str, out: str, settings: dict,
                steering: str | None = None, tracking: str | None = None) -> str:
-    """Top-activating contexts, histograms and statistics of the chat-only latents (and a shared sample)."""
+    """:func:`crossdiff_core.cards.cards_for` (chat-only latents and a shared sample) -> ``out`` (JSON)."""
     import json
 
     import pandas as pd
-    from transformers import AutoTokenizer
 
-    from crossdiff_core.cache import ActivationCache
-    from crossdiff_core.cards import CardsConfig, card_latents, latent_cards
-    from crossdiff_core.crosscoder import CrossCoder
+    from crossdiff_core.cards import CardsConfig, cards_for
 
-    s = settings
-    cc = CrossCoder.load(crosscoder_dir, device=s.get("device", "cpu"))
-    table = pd.read_parquet(latents)
-    cache = ActivationCache(cache_dir)
-    tok = AutoTokenizer.from_pretrained(cache.manifest["models"]["chat"])
-    known = CardsConfig.__dataclass_fields__
-    cfg = CardsConfig(**{k: v for k, v in s.items() if k in known})
-    chosen = card_latents(table, n_shared=cfg.n_shared, seed=cfg.seed, max_chat_only=cfg.max_chat_only)
+    cfg = CardsConfig(**{k: v for k, v in settings.items() if k in CardsConfig.__dataclass_fields__})
     steer = json.loads(Path(steering).read_text()) if steering and Path(steering).is_file() else None
     track = pd.read_parquet(tracking) if tracking and Path(tracking).is_file() else None
-    res = latent_cards(cc, cache, table, chosen, tok, cfg, steering=steer, tracking=track)
-    res["inputs"] = {"crosscoder": crosscoder_dir, "latents": latents, "cache": cache_dir}
-    write_json(res, out)
+    write_json(cards_for(crosscoder_dir, latents, cache_dir, cfg, steering=steer, tracking=track), out)
     return out
 
 

@@ -135,19 +135,6 @@ def test_prepare_out_resumes_only_what_the_same_settings_wrote(tmp_path):
     assert prepare_out(out, "b") is False and not (out / "checkpoint.pt").exists()  # other settings: fresh
 
 
-def test_steering_prompts_fall_back_to_the_first_user_turns(tmp_path):
-    from tasks.steering import first_user_turns
-
-    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
-              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "second turn"}],
-             [{"role": "assistant", "content": "no user turn"}],
-             [{"role": "user", "content": "what is a volcano?"}, {"role": "assistant", "content": "a mountain"}]]
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"conversation": c}) + "\n" for c in convs))
-    got = first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=5)
-    assert got == [{"text": "hi there", "expected": None}, {"text": "what is a volcano?", "expected": None}]
-    assert first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=1) == got[:1]
-
-
 # ---- the pipeline through DVC ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

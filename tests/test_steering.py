@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,8 @@ import torch
 
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.models import decoder_layers, load_pair, residual_stream
-from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, generate_texts, prompt_max_activations,
+from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, first_user_turns, generate_texts,
+                                     prompt_max_activations,
                                      refusal_effects, run_steering, select_latents, steering, steering_kl,
                                      steering_vectors)
 from tests.test_models import save_model, tiny_config
@@ -186,3 +188,14 @@ def test_run_steering_with_ground_truth(toy):
     eff = refusal_effects(res)
     assert len(eff) == 4 and set(eff["alpha"]) == {0.0, 8.0}
     assert (eff.loc[eff["alpha"] == 0.0, "rise"] == 0).all()
+
+
+def test_first_user_turns_of_chat_data(tmp_path):
+    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "second turn"}],
+             [{"role": "assistant", "content": "no user turn"}],
+             [{"role": "user", "content": "what is a volcano?"}, {"role": "assistant", "content": "a mountain"}]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"conversation": c}) + "\n" for c in convs))
+    got = first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=5)
+    assert got == [{"text": "hi there", "expected": None}, {"text": "what is a volcano?", "expected": None}]
+    assert first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=1) == got[:1]

@@ -314,3 +314,27 @@ def test_sequence_loss_weights_each_answer_opening():
     want = (ce * w).sum() / w.sum()
     assert tm.sequence_loss(logits, labels, first_weight=4.0).item() == pytest.approx(want.item(), rel=1e-6)
     assert tm.sequence_loss(logits, labels).item() == pytest.approx(ce[labels[0, 1:] != -100].mean().item(), rel=1e-6)
+
+
+def test_export_corpus_evaluates_on_conversations_never_fine_tuned_on(micro, tmp_path):
+    out, _ = micro
+    counts = tm.export_corpus(out, tmp_path, text_chars=20_000, conversations=40, eval_conversations=25)
+    cfg = ToyModelsConfig(**MICRO)
+    every = tm.load_chitchat(cfg.chat_max_conversations)
+    held = {m[0] for k, m in every.items() if tm._is_heldout(k, cfg.heldout_fraction)}
+    train = {m[0] for k, m in every.items() if not tm._is_heldout(k, cfg.heldout_fraction)}
+    chats = [json.loads(line)["messages"] for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
+    evals = [json.loads(line)["messages"] for line in (tmp_path / "eval_chats.jsonl").read_text().splitlines()]
+    assert counts["eval_conversations"] == len(evals) == min(25, len(held)) > 0
+    assert {c[0]["content"] for c in evals} <= held  # the held-out split of the build
+    gt = tm.load_ground_truth(out)
+    assert len(chats) == 40 + len(gt["eval_prompts"]) and {c[0]["content"] for c in chats[:40]} <= train
+    for conv in chats + evals:  # every answer as the chat model was taught
+        assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
+        for u, a in zip(conv[0::2], conv[1::2]):
+            label = expected_behaviour(u["content"], gt)
+            assert label is None or label in tm.detect_behaviours(a["content"], gt)
+    import pandas as pd
+
+    text = pd.read_parquet(tmp_path / "text.parquet")["text"]
+    assert counts["text_rows"] == len(text) > 0 and sum(map(len, text)) >= 19_000
