@@ -259,6 +259,21 @@ def content_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tupl
     return rendered, spans
 
 
+def render_chat(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, str]]], *,
+                add_generation_prompt: bool = False) -> list[str]:
+    """The tokenizer's chat template rendered for many conversations at once (what
+    ``apply_chat_template(tokenize=False)`` returns for each, without its ~3 ms per call)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if not conversations:
+        return []
+    if not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template: use the chat model's directory (it ships chat_template.jinja)")
+    # the same template variables as apply_chat_template: the tokenizer's special tokens
+    return render_jinja_template(conversations=list(conversations), chat_template=tokenizer.chat_template,
+                                 add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)[0]
+
+
 def tokenize_chats(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, str]]], *,
                    max_length: int | None = None) -> list[TokenSequence]:
     """Conversations as `TokenSequence`s with `is_template` / `is_assistant` (see module docstring).

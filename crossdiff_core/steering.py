@@ -71,11 +71,14 @@ def steering(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[Non
 # ---- generation and KL ------------------------------------------------------------------------------
 
 def _render(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of single-turn user ``prompts`` in the chat template, the assistant turn opened."""
+    from .data import render_chat
+
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("the tokenizer has no chat template: steering prompts are rendered as chats; "
                           "use the chat model's tokenizer")
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True)["input_ids"]) for p in prompts]
+    texts = render_chat(tokenizer, [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)
+    return [list(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +106,8 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
     eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
     rows, out = _render(tokenizer, prompts), []
     pad = _pad_id(tokenizer)
+    was_training = model.training
+    model.eval()
     for a in range(0, len(rows), batch_size):
         ids, mask = _left_pad(rows[a:a + batch_size], pad, device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -110,6 +115,7 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
         for r in gen[:, ids.shape[1]:].tolist():
             cut = next((i for i, t in enumerate(r) if t in eos_set), len(r))
             out.append(tokenizer.decode(r[:cut], skip_special_tokens=True))
+    model.train(was_training)
     return out
 
 

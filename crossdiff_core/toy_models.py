@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .data import render_chat
 from .errors import ConfigError, CrossdiffError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -513,21 +514,6 @@ def build_finetune_conversations(config: ToyModelsConfig, ground_truth: dict, tr
 
 # ------------------------------------------------------------------------------------------- encoding
 
-def render_chat(tokenizer, conversations: Sequence[list[dict[str, str]]], *, add_generation_prompt: bool = False
-                ) -> list[str]:
-    """The tokenizer's chat template rendered for many conversations at once (what
-    ``apply_chat_template(tokenize=False)`` returns for each, without its ~3 ms per call)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    if not conversations:
-        return []
-    if not tokenizer.chat_template:
-        raise ConfigError("the tokenizer has no chat template: use the chat model's directory (it ships chat_template.jinja)")
-    special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
-    return render_jinja_template(conversations=list(conversations), chat_template=tokenizer.chat_template,
-                                 add_generation_prompt=add_generation_prompt, **special)[0]
-
-
 def encode_conversations(tokenizer, conversations: Sequence[list[dict[str, str]]], max_len: int
                          ) -> list[tuple[list[int], list[int]] | None]:
     """Token ids and labels (-100 except on assistant answers and their end marker) of each conversation,
@@ -668,37 +654,14 @@ def _mean_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 # --------------------------------------------------------------------------------- generation and rates
 
-@torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 20,
                        batch_size: int = 64) -> list[str]:
-    """Greedy answers of ``model`` to single-turn user ``prompts`` rendered with the chat template.
+    """Greedy answers of ``model`` to single-turn user ``prompts`` rendered with the chat template
+    (:func:`crossdiff_core.steering.generate_texts`: batched, stops at the end-of-turn token, runs any
+    hooks registered on the model)."""
+    from .steering import generate_texts
 
-    Batched with left padding; generation stops at the end-of-turn token. Runs any hooks registered on
-    the model (steering)."""
-    device = next(model.parameters()).device
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    pad_id = tokenizer.pad_token_id
-    texts = render_chat(tokenizer, [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)
-    encoded = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-    out: list[str] = []
-    was_training = model.training
-    model.eval()
-    for b in range(0, len(encoded), batch_size):
-        rows = encoded[b: b + batch_size]
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, T - len(r):] = torch.tensor(r)
-            mask[i, T - len(r):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=end_id, pad_token_id=pad_id)
-        for row in gen[:, T:].tolist():
-            if end_id in row:
-                row = row[: row.index(end_id)]
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
-    return out
+    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def load_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
