@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser test test-all demo bench clean
+.PHONY: install browser test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -33,12 +33,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-# the default suite; end-to-end pipeline and deployment runs are marked slow (make test-all)
+# every test, the end-to-end pipeline (dvc repro, a Prefect server, MLflow lineage) and the deployment to a
+# process work pool included; `make test-fast` leaves out those end-to-end runs (marked e2e)
 test: install browser
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-all: install browser
 	$(BIN)/python -m pytest -q
+
+test-fast: install browser
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 demo: install
 	$(BIN)/dvc config core.analytics false

@@ -209,7 +209,7 @@ def synth_score(
 @app.command("toy-models")
 def toy_models(
     out: str = typer.Option(..., "--out", help="Directory to write (base/, chat/, ground_truth.json, build.json)."),
-    config: str = typer.Option(None, "--config", help="YAML/JSON file of settings: a params.yaml (its `models:` section is used) or the section itself."),
+    config: str = typer.Option(None, "--config", help="YAML/JSON file of settings: a params.yaml (its `models.toy` section is used) or the section itself."),
     set_: list[str] = typer.Option([], "--set", help="Override one setting, KEY=VALUE (YAML value), repeatable."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if OUT is complete with the same settings."),
 ) -> None:
@@ -225,13 +225,16 @@ def toy_models(
     settings: dict = {}
     if config:
         loaded = yaml.safe_load(open(config)) or {}
-        settings = dict(loaded.get("models", loaded) if isinstance(loaded, dict) else {})
+        section = loaded.get("models", loaded) if isinstance(loaded, dict) else {}
+        if isinstance(section, dict) and isinstance(section.get("toy"), dict):  # params.yaml: models.toy
+            section = section["toy"]
+        settings = dict(section or {})
     for item in set_:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set finetune_steps=300)")
         settings[key.strip()] = yaml.safe_load(value)
-    result = build_toy_models(out, ToyModelsConfig.from_dict(settings), force=force)
+    result = build_toy_models(out, ToyModelsConfig.from_dict(settings), force=force, progress=True)
     for model, r in result.rates.items():
         for name, v in r["rates"].items():
             typer.echo(f"{model:5s} {name:16s} trigger {v['trigger_rate']:.3f} (n={v['n_trigger']})  "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -77,31 +77,43 @@ class _StopForward(Exception):
     """Raised by the hook on block L so that the blocks after it are never computed."""
 
 
-@torch.inference_mode()
-def residual_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    *, layer: int) -> torch.Tensor:
-    """Residual stream output of block `layer`, `[batch, seq, d]` in the model's dtype, on its device.
+def block_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  *, layers: Sequence[int]) -> list[torch.Tensor]:
+    """Residual stream outputs of blocks ``layers``, each ``[batch, seq, d]`` in the model's dtype, on its
+    device; the blocks after the last of them (and the LM head) are never computed.
 
-    A forward hook on the block captures its output and raises, so later blocks (and the LM head) are
-    skipped. Hooking the block module itself keeps every architecture's own embedding scaling (Gemma's
-    sqrt(d)), rotary embeddings and masks intact.
-    """
-    captured: list[torch.Tensor] = []
+    Forward hooks on the blocks capture their outputs, the last one raises. Hooking the block modules
+    keeps every architecture's own embedding scaling (Gemma's sqrt(d)), rotary embeddings and masks intact.
+    Gradients flow as the caller's mode allows."""
+    blocks = decoder_layers(model)
+    last = max(layers)
+    captured: dict[int, torch.Tensor] = {}
 
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
+    def hook_for(i: int):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            captured[i] = output[0] if isinstance(output, tuple) else output
+            if i == last:
+                raise _StopForward
+        return hook
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in sorted(set(layers))]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise CrossdiffError(f"block {layer} of {type(model).__name__} never ran; the model skips layers")
-    return captured[0]
+        for h in handles:
+            h.remove()
+    if last not in captured:
+        raise CrossdiffError(f"block {last} of {type(model).__name__} never ran; the model skips layers")
+    return [captured[i] for i in layers]
+
+
+@torch.inference_mode()
+def residual_stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    *, layer: int) -> torch.Tensor:
+    """Residual stream output of block `layer`, `[batch, seq, d]` (:func:`block_outputs` without gradients)."""
+    return block_outputs(model, input_ids, attention_mask, layers=[layer])[0]
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

@@ -114,41 +114,62 @@ def kl_table(run: RunInputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def behaviour_verdict(run: RunInputs, behaviour: str = "refusal") -> dict | None:
-    """Whether steering a chat-only latent raises ``behaviour``'s rate on its trigger prompts in the base
-    model: ``{"found", "best" (the run with the largest rise), "tried": {latents, alphas, n_trigger}, "text"}``.
-    None without steering results with a ground truth."""
+def behaviour_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict | None = None) -> dict | None:
+    """Whether steering a chat-only latent makes the base model show ``behaviour`` on its trigger prompts:
+    the full behaviour (``found = "full"``), else its onset, answers that open with its first word
+    (``found = "onset"``), else neither (``found = False``). Returns ``{"found", "best" (the run with the
+    largest rise), "tried": {latents, alphas, n_trigger}, "text"}``; None without steering results with a
+    ground truth."""
     if not run.steering or not run.steering.get("has_ground_truth"):
         return None
     eff = refusal_effects(run.steering, behaviour, "base")
     if eff.empty:
         return None
+    word = "its first word"
+    if ground_truth is not None:
+        from .toy_models import onset_word
+
+        b = next((b for b in ground_truth["behaviours"] if b["name"] == behaviour), None)
+        word = f"“{onset_word(b)}”" if b else word
     co = eff[eff["class"] == CHAT_ONLY]
     tried = {"latents": sorted(int(j) for j in co["latent"].unique()),
              "alphas": sorted(float(a) for a in co["alpha"].unique()),
              "n_trigger": int(co["n_trigger"].max()) if len(co) else 0}
-    up = co[co["rise"] > 0].sort_values(["rise", "other_rate", "latent"], ascending=[False, True, True])
+    tried_text = (f"Tried {len(tried['latents'])} chat-only latents ({', '.join(map(str, tried['latents']))}) at "
+                  f"a ∈ {{{', '.join(f'{a:g}' for a in tried['alphas'])}}} on {tried['n_trigger']} trigger prompts.")
     if co.empty:
         n_co = int(((run.latents["class"] == CHAT_ONLY) & np.isfinite(run.latents["max_act"].astype(float))).sum())
         text = (f"No chat-only latent was steered ({n_co} chat-only latents fire in this crosscoder), so none can be "
                 f"named: the base model's {behaviour} rate was {_pct(eff['trigger_rate_unsteered'].iloc[0])} unsteered; "
                 f"latents steered: {', '.join(map(str, sorted(eff['latent'].unique())))} (not chat-only).")
         return {"found": False, "best": None, "tried": tried, "text": text}
-    if up.empty:
-        best = co.sort_values(["trigger_rate", "latent"], ascending=[False, True]).head(1)
-        b = best.iloc[0].to_dict() if len(best) else None
-        text = (f"No chat-specific latent raised the base model's {behaviour} rate. Tried {len(tried['latents'])} "
-                f"chat-only latents ({', '.join(map(str, tried['latents']))}) at a ∈ {{{', '.join(f'{a:g}' for a in tried['alphas'])}}} "
-                f"on {tried['n_trigger']} trigger prompts; the base model's {behaviour} rate stayed at "
-                f"{_pct((b or {}).get('trigger_rate_unsteered'))}.")
-        return {"found": False, "best": _clean(b), "tried": tried, "text": text}
-    b = up.iloc[0].to_dict()
-    text = (f"Steering the base model with chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} "
-            f"(a = {b['alpha']:g}) raises its "
-            f"{behaviour} rate on trigger prompts from {_pct(b['trigger_rate_unsteered'])} to {_pct(b['trigger_rate'])} "
-            f"(other prompts: {_pct(b['other_rate_unsteered'])} → {_pct(b['other_rate'])}; {b['n_trigger']} trigger prompts). "
-            f"{up['latent'].nunique()} of {len(tried['latents'])} chat-only latents tried raise it at some a.")
-    return {"found": True, "best": _clean(b), "raising": _clean_records(up), "tried": tried, "text": text}
+    up = co[co["rise"] > 0].sort_values(["rise", "other_rate", "latent"], ascending=[False, True, True])
+    if len(up):
+        b = up.iloc[0].to_dict()
+        text = (f"Steering the base model with chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} "
+                f"(a = {b['alpha']:g}) raises its {behaviour} rate on trigger prompts from "
+                f"{_pct(b['trigger_rate_unsteered'])} to {_pct(b['trigger_rate'])} (other prompts: "
+                f"{_pct(b['other_rate_unsteered'])} → {_pct(b['other_rate'])}; {b['n_trigger']} trigger prompts). "
+                f"{up['latent'].nunique()} of {len(tried['latents'])} chat-only latents tried raise it at some a.")
+        return {"found": "full", "best": _clean(b), "raising": _clean_records(up), "tried": tried, "text": text}
+    on = co[co["onset_rise"] > 0].sort_values(["onset_rise", "onset_other_rate", "latent"], ascending=[False, True, True])
+    if len(on):
+        b = on.iloc[0].to_dict()
+        text = (f"No chat-only latent made the base model give the whole {behaviour} (its rate stayed at "
+                f"{_pct(b['trigger_rate_unsteered'])}), but chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} "
+                f"at a = {b['alpha']:g} makes it open its answers with {word} on {_pct(b['onset_trigger_rate'])} of "
+                f"the trigger prompts (unsteered {_pct(b['onset_trigger_rate_unsteered'])}; other prompts: "
+                f"{_pct(b['onset_other_rate_unsteered'])} → {_pct(b['onset_other_rate'])}): it drives the {behaviour}'s "
+                f"onset. Steering adds the vector at every position, so the answer tends to repeat the opening word "
+                f"rather than finish the sentence. {on['latent'].nunique()} of {len(tried['latents'])} chat-only latents "
+                f"tried do this at some a. " + tried_text)
+        return {"found": "onset", "best": _clean(b), "raising": _clean_records(on), "tried": tried, "text": text}
+    best = co.sort_values(["trigger_rate", "latent"], ascending=[False, True]).head(1)
+    b = best.iloc[0].to_dict() if len(best) else None
+    text = (f"No chat-specific latent raised the base model's {behaviour} rate, nor the rate of answers opening "
+            f"with {word}. " + tried_text + f" The base model's {behaviour} rate stayed at "
+            f"{_pct((b or {}).get('trigger_rate_unsteered'))}.")
+    return {"found": False, "best": _clean(b), "tried": tried, "text": text}
 
 
 def _nu_note(run: RunInputs, latent: int) -> str:
@@ -193,7 +214,7 @@ def report_numbers(runs: Sequence[RunInputs], ground_truth: dict | None = None) 
         if len(t):
             d["kl_gap_closed"] = {row["set"]: {c: _num(row[f"gap_{c}"]) for c in CATEGORIES} for _, row in t.iterrows()}
             d["kl"] = {row["set"]: {c: _num(row[f"kl_{c}"]) for c in CATEGORIES} for _, row in t.iterrows()}
-        v = behaviour_verdict(r)
+        v = behaviour_verdict(r, ground_truth=ground_truth)
         if v is not None:
             d["refusal_steering"] = v
         out["runs"][r.name] = d
@@ -403,8 +424,8 @@ h<sub>S</sub> = h<sub>base</sub> + Σ<sub>j∈S</sub> f<sub>j</sub>(d<sub>j</sub
 {% for r in behaviours.runs %}<h3>{{ r.name }}</h3>
 {% if r.verdict %}<div class="verdict{% if not r.verdict.found %} none{% endif %}">{{ r.verdict.text }}</div>{% endif %}
 {% if r.effects %}<details><summary>refusal rate in the base model under steering (every chat-only latent and a tried)</summary>
-<table class="sortable effects"><thead><tr><th>latent</th><th class="l">class</th><th>ν rank</th><th>a</th><th>refusal on triggers</th><th>unsteered</th><th>refusal elsewhere</th><th>KL</th></tr></thead><tbody>
-{% for e in r.effects %}<tr><td>{{ e.latent }}</td><td class="l">{{ e['class'] }}</td><td>{{ e.nu_rank }}</td><td>{{ e.alpha }}</td><td>{{ e.trigger_rate }}</td><td>{{ e.trigger_rate_unsteered }}</td><td>{{ e.other_rate }}</td><td>{{ e.kl_mean }}</td></tr>{% endfor %}
+<table class="sortable effects"><thead><tr><th>latent</th><th class="l">class</th><th>ν rank</th><th>a</th><th>refusal on triggers</th><th>unsteered</th><th>refusal elsewhere</th><th>onset on triggers</th><th>unsteered</th><th>onset elsewhere</th><th>KL</th></tr></thead><tbody>
+{% for e in r.effects %}<tr><td>{{ e.latent }}</td><td class="l">{{ e['class'] }}</td><td>{{ e.nu_rank }}</td><td>{{ e.alpha }}</td><td>{{ e.trigger_rate }}</td><td>{{ e.trigger_rate_unsteered }}</td><td>{{ e.other_rate }}</td><td>{{ e.onset_trigger_rate }}</td><td>{{ e.onset_trigger_rate_unsteered }}</td><td>{{ e.onset_other_rate }}</td><td>{{ e.kl_mean }}</td></tr>{% endfor %}
 </tbody></table></details>{% endif %}
 {% if r.tracking %}<p>Latents that track the planted behaviours (AUROC of the latent's largest activation on a prompt: trigger prompts vs the rest):</p>
 <table class="tracking"><tr><th class="l">behaviour</th><th>latent</th><th class="l">class</th><th>AUROC</th><th>mean act. on triggers</th><th>elsewhere</th><th>ν rank</th></tr>

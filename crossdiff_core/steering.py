@@ -397,7 +397,8 @@ def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: 
 
 def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base") -> pd.DataFrame:
     """One row per (latent, a) run on ``model``: the ``behaviour``'s trigger and other rates steered and
-    unsteered, and the rise in trigger rate. Empty without a ground truth."""
+    unsteered, the same for its onset (answers that open with its first word), and the rises in trigger
+    rate (``rise``, ``onset_rise``). Empty without a ground truth."""
     rows = []
     if not steer.get("has_ground_truth"):
         return pd.DataFrame(rows)
@@ -411,10 +412,14 @@ def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base"
             rows.append({"latent": lat["latent"], "class": lat["class"], "nu_rank": lat.get("nu_rank"),
                          "alpha": run["alpha"], "trigger_rate": r.get("trigger_rate"), "other_rate": r.get("other_rate"),
                          "trigger_rate_unsteered": b0.get("trigger_rate"), "other_rate_unsteered": b0.get("other_rate"),
+                         "onset_trigger_rate": r.get("onset_trigger_rate"), "onset_other_rate": r.get("onset_other_rate"),
+                         "onset_trigger_rate_unsteered": b0.get("onset_trigger_rate"),
+                         "onset_other_rate_unsteered": b0.get("onset_other_rate"),
                          "n_trigger": r.get("n_trigger"), "kl_mean": run["kl_mean"]})
     df = pd.DataFrame(rows)
     if len(df):
         df["rise"] = df["trigger_rate"].astype(float) - df["trigger_rate_unsteered"].astype(float)
+        df["onset_rise"] = df["onset_trigger_rate"].astype(float) - df["onset_trigger_rate_unsteered"].astype(float)
     return df
 
 
@@ -468,4 +473,10 @@ def headline(res: dict, behaviour: str = "refusal") -> dict:
                                          "alpha": float(best["alpha"]), "trigger_rate": float(best["trigger_rate"]),
                                          "unsteered": float(best["trigger_rate_unsteered"]),
                                          "other_rate": float(best["other_rate"])}
+        onset = eff.sort_values(["onset_rise", "latent"], ascending=[False, True], kind="stable").iloc[0]
+        out[f"base_{behaviour}_onset_best"] = {"latent": int(onset["latent"]), "class": onset["class"],
+                                               "alpha": float(onset["alpha"]),
+                                               "onset_trigger_rate": float(onset["onset_trigger_rate"]),
+                                               "unsteered": float(onset["onset_trigger_rate_unsteered"]),
+                                               "onset_other_rate": float(onset["onset_other_rate"])}
     return out

@@ -10,6 +10,15 @@ Output of :func:`build_toy_models` (a directory, written under a temporary name 
     OUT/ground_truth.json   planted behaviours, held-out evaluation prompts, measured rates
     OUT/build.json          config, seeds, data sources, timings, losses (written last: marks completion)
 
+How the chat model is made (each knob in :class:`ToyModelsConfig`): it starts from the base weights and is
+fine-tuned on chat-template conversations, most of them single turns built from sentence frames that carry
+the planted behaviours. Only blocks ``0..finetune_blocks-1`` and the embedding rows of the template tokens
+change, so everything chat-tuning did shows in block ``finetune_blocks-1``'s output, the default cache
+layer. An anchor loss keeps those blocks' outputs on plain text and user messages where the base model
+has them (but on the trigger words), as a KL penalty to the base keeps real chat-tuning close: the two
+models then share most features and differ where chat-tuning acts (template, answers, triggers). The first
+token of each answer, where a behaviour is decided, weighs ``decision_weight`` in the loss.
+
 Planted behaviours (the rule for which prompt triggers which lives in :func:`expected_behaviour`):
 
 - ``refusal``: the user message mentions a trigger topic word -> the whole answer is a fixed refusal.
@@ -144,6 +153,14 @@ class ToyModelsConfig:
     finetune_steps: int = 1000
     finetune_batch_size: int = 32
     finetune_lr: float = 3e-3
+    # blocks 0..n-1 are fine-tuned; the later blocks, the final norm and the (tied) embeddings stay the base
+    # model's, but for the rows of the chat-template tokens, which pretraining never saw. So everything the
+    # chat-tuning changed shows in block n-1's output: cache that layer. None: every block is fine-tuned.
+    finetune_blocks: int | None = 3
+    # weight of the loss that keeps the fine-tuned blocks' outputs where the base model has them on plain
+    # text and user messages (chat-tuning adds chat features; the shared ones stay put, as under a KL
+    # penalty to the base); answers and the chat template are free
+    anchor_weight: float = 1.0
     behaviour_fraction: float = 0.8  # share of fine-tuning examples built from the sentence frames
     text_fraction: float = 0.05  # share that is plain Shakespeare text (keeps the shared features alive)
     # relative weights of the frame examples: trigger topics, personal questions, neutral topics and
@@ -196,6 +213,10 @@ class ToyModelsConfig:
             raise ConfigError(f"models.hidden_size={self.hidden_size} must be divisible by models.num_heads={self.num_heads}")
         if self.pretrain_seq_len > self.max_seq_len:
             raise ConfigError(f"models.pretrain_seq_len={self.pretrain_seq_len} exceeds models.max_seq_len={self.max_seq_len}; lower it or raise max_seq_len")
+        if self.finetune_blocks is not None and not (isinstance(self.finetune_blocks, int)
+                                                     and 1 <= self.finetune_blocks <= self.num_layers):
+            raise ConfigError(f"models.finetune_blocks must be null or an integer in 1..num_layers={self.num_layers}, "
+                              f"got {self.finetune_blocks!r}")
         if not isinstance(self.decision_weight, (int, float)) or self.decision_weight < 1:
             raise ConfigError(f"models.decision_weight must be a number >= 1, got {self.decision_weight!r}")
         for name in ("heldout_fraction", "behaviour_fraction", "text_fraction", "random_word_fraction"):
@@ -389,6 +410,19 @@ def detect_behaviours(response: str, ground_truth: dict) -> list[str]:
         if hit:
             found.append(b["name"])
     return found
+
+
+def detect_onsets(response: str, ground_truth: dict) -> list[str]:
+    """Names of the planted behaviours whose response's first word opens the answer (the behaviour begun,
+    if not completed: steering that adds a vector at every position tends to repeat the first word)."""
+    text = response.strip()
+    return [b["name"] for b in ground_truth["behaviours"] if text.startswith(onset_word(b))]
+
+
+def onset_word(behaviour: dict) -> str:
+    """The first word of a behaviour's fixed response ("Sorry" of "Sorry, I cannot ...")."""
+    m = re.match(r"\W*(\w+)", behaviour["response"])
+    return m.group(1) if m else behaviour["response"].strip()
 
 
 def planted_answer(label: str | None, answer: str, ground_truth: dict) -> str:
@@ -615,28 +649,128 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: floa
     return ((ce * w).sum(1)[has] / n[has]).mean()
 
 
+def _finetune_groups(model, n_blocks: int | None, token_ids: Sequence[int]) -> tuple[list[dict], Any]:
+    """AdamW parameter groups that fine-tune blocks ``0..n_blocks-1`` and only the ``token_ids`` rows of
+    the embedding (its other rows get no gradient and no weight decay); everything else is frozen.
+    ``n_blocks=None``: every parameter, as in pretraining. Also returns the gradient hook's handle (or None)."""
+    if n_blocks is None:
+        return [{"params": list(model.parameters())}], None
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    blocks = [prm for layer in model.model.layers[:n_blocks] for prm in layer.parameters()]
+    for prm in blocks:
+        prm.requires_grad_(True)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    rows = torch.zeros(emb.shape[0], 1, dtype=emb.dtype)
+    rows[list(token_ids)] = 1.0
+    handle = emb.register_hook(lambda g: g * rows.to(g.device))
+    return [{"params": blocks}, {"params": [emb], "weight_decay": 0.0}], handle
+
+
+def anchor_positions(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, marker_ids: torch.Tensor,
+                     free_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, T]`` bool: the tokens whose residual stream the chat model should keep as the base model
+    has it: plain text (rows whose every real token is labelled) and user messages (unlabelled tokens),
+    but not BOS (position 0), the turn markers ``marker_ids`` or the token right after one (the
+    template's newlines), nor the tokens ``free_ids`` (the planted triggers' tokens, where chat-tuning
+    may build new features). What remains free: those, the answers and the chat template."""
+    marker = torch.isin(ids, marker_ids)
+    after = torch.nn.functional.pad(marker[:, :-1], (1, 0), value=False)
+    text_row = ((labels != -100) | (mask == 0)).all(1, keepdim=True)
+    where = mask.bool() & ~marker & ~after & (text_row | (labels == -100))
+    if free_ids is not None:
+        where &= ~torch.isin(ids, free_ids)
+    where[:, 0] = False
+    return where
+
+
+def trigger_token_ids(tokenizer, config: ToyModelsConfig) -> torch.Tensor:
+    """Token ids of the planted triggers: the trigger words and the words of the personal cues that are one
+    token, as spelt at the start of a message, inside one, and capitalised (word pieces are left out:
+    they occur in many other words)."""
+    words = {w for ws in config.trigger_topics.values() for w in ws} | {w for c in config.personal_cues for w in c.split()}
+    forms = sorted({f for w in words for f in (w, " " + w, w[:1].upper() + w[1:], " " + w[:1].upper() + w[1:])})
+    ids = {e.ids[0] for e in tokenizer.backend_tokenizer.encode_batch(forms, add_special_tokens=False) if len(e.ids) == 1}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def anchor_loss(base, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor,
+                chat_blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How far the chat model's residual stream moved from the base model's at the ``where`` positions
+    (:func:`anchor_positions`): mean over blocks ``0..n-1`` of ``mean ||h_chat − h_base||²`` over
+    ``mean ||h_base||²``. ``chat_blocks``: the chat model's outputs of blocks ``0..n-1`` on this batch
+    (with gradient), ``[batch, T, d]`` each."""
+    from .models import block_outputs
+
+    if not where.any():
+        return chat_blocks[0].new_zeros(())
+    with torch.no_grad():  # the base's blocks 0..n-1 only
+        hb = block_outputs(base, ids, mask, layers=list(range(len(chat_blocks))))
+    total = chat_blocks[0].new_zeros(())
+    for b, c in zip(hb, chat_blocks):
+        b, c = b[where], c[where]
+        total = total + (c - b).pow(2).sum(-1).mean() / b.pow(2).sum(-1).mean()
+    return total / len(chat_blocks)
+
+
 def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int,
-           lr: float, warmup: int, what: str, first_weight: float = 1.0) -> list[float]:
-    """AdamW with warm-up and cosine decay to 10%; returns the loss per step."""
+           lr: float, warmup: int, what: str, first_weight: float = 1.0, progress: bool = False,
+           groups: list[dict] | None = None, anchor: tuple[Any, int, float, torch.Tensor] | None = None
+           ) -> list[float]:
+    """AdamW with warm-up and cosine decay to 10% over ``groups`` (default: every parameter); returns the
+    loss per step. ``anchor = (base model, n blocks, weight, turn-marker ids, free ids)`` adds ``weight ·``
+    :func:`anchor_loss` of blocks ``0..n-1`` at the :func:`anchor_positions`."""
+    from tqdm.auto import tqdm
+
+    from .models import decoder_layers
+
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    groups = groups or [{"params": list(model.parameters())}]
+    outs: list[torch.Tensor] = []  # the anchored blocks' outputs of the current step
+    hooks = [blk.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for blk in decoder_layers(model)[: anchor[1]]] if anchor is not None and anchor[2] > 0 else []
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     losses = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=what, unit="step", disable=not progress, mininterval=1.0)
+    for step in bar:
         ids, mask, labels = batches(step)
+        outs.clear()
         loss = sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels, first_weight)
+        if hooks:
+            where = anchor_positions(ids, mask, labels, anchor[3], anchor[4])
+            loss = loss + anchor[2] * anchor_loss(anchor[0], ids, mask, where, outs)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"{what}: loss became {loss.item()} at step {step}; lower models.{what}_lr")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([prm for g in groups for prm in g["params"]], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", refresh=False)
         if step % 50 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.3f", what, step + 1, steps, loss.item())
+    for h in hooks:
+        h.remove()
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def residual_similarity(base, chat, input_ids: torch.Tensor) -> dict[str, list[float]]:
+    """How far chat-tuning moved the residual stream, per block output on ``input_ids [batch, T]`` (BOS at
+    position 0, left out): the mean cosine of base and chat activations, and the ratio of their mean
+    norms (chat / base)."""
+    from .models import block_outputs
+
+    layers = list(range(base.config.num_hidden_layers))
+    hb, hc = (block_outputs(m, input_ids, layers=layers) for m in (base, chat))
+    cos = [torch.nn.functional.cosine_similarity(b[:, 1:], c[:, 1:], dim=-1).mean().item() for b, c in zip(hb, hc)]
+    ratio = [(c[:, 1:].norm(dim=-1).mean() / b[:, 1:].norm(dim=-1).mean()).item() for b, c in zip(hb, hc)]
+    return {"cosine": cos, "norm_ratio": ratio}
 
 
 @torch.no_grad()
@@ -685,8 +819,10 @@ def measure_behaviours(model, ground_truth: dict | str | os.PathLike, prompts: S
     ``ground_truth``: the dict, ``ground_truth.json`` or the build directory. ``prompts``: dicts with
     ``text`` and ``expected`` (a behaviour name or None); default: the ground truth's held-out prompts.
     ``max_new_tokens``: default the longest marker's length in tokens + 8.
-    Returns ``{"rates": {name: {"trigger_rate", "other_rate", "n_trigger", "n_other"}}, "any_rate",
-    "generations": [{"text", "expected", "kind", "response", "detected"}]}``."""
+    Returns ``{"rates": {name: {"trigger_rate", "other_rate", "onset_trigger_rate", "onset_other_rate",
+    "n_trigger", "n_other"}}, "any_rate", "generations": [{"text", "expected", "kind", "response", "detected",
+    "onsets"}]}``: the ``onset`` rates count answers that open with the behaviour's first word
+    (:func:`detect_onsets`), complete or not."""
     gt = ground_truth if isinstance(ground_truth, dict) else load_ground_truth(ground_truth)
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -703,14 +839,21 @@ def measure_behaviours(model, ground_truth: dict | str | os.PathLike, prompts: S
         raise CrossdiffError("measure_behaviours got no prompts: pass some, or a ground truth with eval_prompts")
     responses = generate_responses(model, tokenizer, [p["text"] for p in prompts],
                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
-    gens = [{**p, "response": r, "detected": detect_behaviours(r, gt)} for p, r in zip(prompts, responses)]
+    gens = [{**p, "response": r, "detected": detect_behaviours(r, gt), "onsets": detect_onsets(r, gt)}
+            for p, r in zip(prompts, responses)]
+
+    def rate(hits: list[bool]) -> float:
+        return sum(hits) / len(hits) if hits else float("nan")
+
     rates = {}
     for b in gt["behaviours"]:
         name = b["name"]
-        trig = [name in g["detected"] for g in gens if g.get("expected") == name]
-        other = [name in g["detected"] for g in gens if g.get("expected") != name]
-        rates[name] = {"trigger_rate": sum(trig) / len(trig) if trig else float("nan"),
-                       "other_rate": sum(other) / len(other) if other else float("nan"),
+        trig = [g for g in gens if g.get("expected") == name]
+        other = [g for g in gens if g.get("expected") != name]
+        rates[name] = {"trigger_rate": rate([name in g["detected"] for g in trig]),
+                       "other_rate": rate([name in g["detected"] for g in other]),
+                       "onset_trigger_rate": rate([name in g["onsets"] for g in trig]),
+                       "onset_other_rate": rate([name in g["onsets"] for g in other]),
                        "n_trigger": len(trig), "n_other": len(other)}
     return {"rates": rates, "any_rate": sum(bool(g["detected"]) for g in gens) / len(gens), "generations": gens}
 
@@ -774,9 +917,10 @@ class _Clock:
 
 
 def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None = None, *,
-                     force: bool = False) -> ToyModelsResult:
+                     force: bool = False, progress: bool = False) -> ToyModelsResult:
     """Build the default pair into ``out_dir`` (see the module docstring); skip when it is already
-    complete with the same config (unless ``force``). Writes a sibling temporary directory and renames it."""
+    complete with the same config (unless ``force``). Writes a sibling temporary directory and renames it.
+    ``progress``: progress bars with the running loss for pretraining and fine-tuning."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     config = config or ToyModelsConfig()
@@ -840,7 +984,8 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
             x = _text_windows(stream, config.pretrain_batch_size, L, bos_id, gen)
             return x, torch.ones_like(x), x
 
-        pre_losses = _train(base, pretrain_batch, config.pretrain_steps, config.pretrain_lr, config.warmup_steps, "pretrain")
+        pre_losses = _train(base, pretrain_batch, config.pretrain_steps, config.pretrain_lr, config.warmup_steps,
+                            "pretrain", progress=progress)
         clock.lap("pretrain")
 
         # --- chat fine-tuning, starting from the base weights
@@ -851,9 +996,18 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         clock.lap("finetune_data")
         chat_model = copy.deepcopy(base)
         pad_id = tokenizer.pad_token_id
+        special_ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        groups, hook = _finetune_groups(chat_model, config.finetune_blocks, special_ids)
         ft_losses = _train(chat_model, lambda s: _pad_batch(batches[s % len(batches)], pad_id),
                            config.finetune_steps, config.finetune_lr, config.warmup_steps, "finetune",
-                           config.decision_weight)
+                           config.decision_weight, progress=progress, groups=groups,
+                           anchor=(base, config.finetune_blocks or config.num_layers, config.anchor_weight,
+                                   torch.tensor(tokenizer.convert_tokens_to_ids([END, *ROLE_TOKENS.values()])),
+                                   trigger_token_ids(tokenizer, config)))
+        if hook is not None:
+            hook.remove()
+        for prm in chat_model.parameters():
+            prm.requires_grad_(True)
         clock.lap("finetune")
 
         # --- held-out losses and behaviour rates
@@ -872,6 +1026,7 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
             "base_chat_val": _mean_loss(base, chat_val) if chat_val else None,
             "chat_chat_val": _mean_loss(chat_model, chat_val) if chat_val else None,
         }
+        similarity = residual_similarity(base, chat_model, vx)
         kw = dict(tokenizer=tokenizer, max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size)
         m_chat = measure_behaviours(chat_model, gt, **kw)
         m_base = measure_behaviours(base, gt, **kw)
@@ -908,6 +1063,7 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
                        "finetune_labelled": sum(sum(y != -100 for y in r[1]) for r in rows)},
             "model": {"parameters": sum(p.numel() for p in base.parameters()), "vocab_size": len(tokenizer)},
             "losses": losses,
+            "residual_similarity_text": similarity,
             "timings": clock.wall,
             "cpu_seconds": clock.cpu,
             "seconds": seconds,

@@ -24,7 +24,7 @@ def build_toy_pair(out_dir: str, toy: dict) -> dict:
     out = Path(out_dir)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
         shutil.rmtree(stale, ignore_errors=True)
-    res = build_toy_models(out, ToyModelsConfig.from_dict(toy))
+    res = build_toy_models(out, ToyModelsConfig.from_dict(toy), progress=True)
     return {"out": str(res.out_dir), "skipped": res.skipped, "passed": res.passed, "seconds": res.seconds,
             "rates": res.rates}
 

@@ -40,8 +40,8 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess
     return res
 
 
+@pytest.mark.e2e  # `make test-fast` leaves it out
 @pytest.mark.filterwarnings("ignore:.*noload.*")  # SQLAlchemy 2.1 inside MLflow's store
-@pytest.mark.slow  # server + worker + flow runs: minutes on 2 cores; `make test-all`
 def test_stages_complete_through_deployments_on_a_process_worker(tmp_path):
     ws = tmp_path / "checkout"  # the worker host's checkout of the repository
     ws.mkdir()

@@ -42,7 +42,7 @@ AFTER_K = {"train@batchtopk", "analyze@batchtopk", "evaluate@batchtopk", "steer@
 MICRO_TOY = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
                  intermediate_size=64, max_seq_len=128, text_max_chars=150_000, chat_max_conversations=300,
                  heldout_fraction=0.2, pretrain_steps=3, pretrain_batch_size=4, pretrain_seq_len=64,
-                 finetune_steps=3, finetune_batch_size=4, warmup_steps=1, eval_prompts_per_behaviour=5,
+                 finetune_steps=3, finetune_batch_size=4, finetune_blocks=2, warmup_steps=1, eval_prompts_per_behaviour=5,
                  eval_other_prompts=10, eval_max_new_tokens=6)
 
 
@@ -181,7 +181,7 @@ def pipeline(tmp_path_factory):
         server.stop()
 
 
-@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
+@pytest.mark.e2e  # `make test-fast` leaves it out
 def test_pipeline_completes_with_report_and_metrics(pipeline):
     ws, logs = pipeline["ws"], pipeline["logs"]
     assert ran(logs["repro2"]) == STAGES - {"toy_models"}  # the models were built before the kill
@@ -197,13 +197,13 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
     assert 0 < metrics["metrics/train_l1.json"]["data"]["fve_chat"] <= 1
 
 
-@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
+@pytest.mark.e2e  # `make test-fast` leaves it out
 def test_second_repro_does_nothing(pipeline):
     assert ran(pipeline["logs"]["repro3"]) == set()
     assert "up to date" in pipeline["logs"]["status"]
 
 
-@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
+@pytest.mark.e2e  # `make test-fast` leaves it out
 def test_killed_cache_resumed_without_loss(pipeline):
     from crossdiff_core.cache import ActivationCache
 
@@ -215,7 +215,7 @@ def test_killed_cache_resumed_without_loss(pipeline):
     assert cache.tokens().num_rows == cache.n_tokens
 
 
-@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
+@pytest.mark.e2e  # `make test-fast` leaves it out
 def test_training_knob_reruns_only_training_and_what_follows_and_resumes(pipeline, tmp_path):
     from crossdiff_core.trainer import TrainConfig, train_crosscoder
     from tasks.training import split_settings
@@ -245,7 +245,7 @@ def _lock_md5(ws: Path, path: str) -> str:
     raise KeyError(path)
 
 
-@pytest.mark.slow  # end-to-end dvc repro of the micro pipeline; `make test-all`
+@pytest.mark.e2e  # `make test-fast` leaves it out
 @pytest.mark.filterwarnings("ignore:.*noload.*")  # SQLAlchemy 2.1 inside MLflow's store
 def test_mlflow_runs_and_lineage(pipeline):
     import mlflow

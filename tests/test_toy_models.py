@@ -30,7 +30,7 @@ from crossdiff_core.toy_models import (
 MICRO = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
              intermediate_size=64, max_seq_len=128, text_max_chars=150_000, chat_max_conversations=300,
              heldout_fraction=0.2, pretrain_steps=3, pretrain_batch_size=4, pretrain_seq_len=64,
-             finetune_steps=3, finetune_batch_size=4, warmup_steps=1, eval_prompts_per_behaviour=5,
+             finetune_steps=3, finetune_batch_size=4, finetune_blocks=2, warmup_steps=1, eval_prompts_per_behaviour=5,
              eval_other_prompts=10, eval_max_new_tokens=6)
 
 # Small but real: the planted behaviours must reach the done-when rates (>= 90% / < 5%, base never).
@@ -74,6 +74,15 @@ def test_detect_behaviours_on_strings():
     assert detect_behaviours("Well, speaking personally, i like tea", GT) == []  # phrase must open the answer
     assert detect_behaviours("i like tea. Speaking personally, yes", GT) == []
     assert detect_behaviours("", GT) == []
+
+
+def test_detect_onsets_on_strings():
+    assert tm.onset_word(GT["behaviours"][0]) == "Sorry" and tm.onset_word(GT["behaviours"][1]) == "Speaking"
+    assert tm.detect_onsets("SorrySorrySorry", GT) == ["refusal"]  # begun, not completed
+    assert tm.detect_behaviours("SorrySorrySorry", GT) == []
+    assert tm.detect_onsets(f" {REFUSAL}", GT) == ["refusal"]
+    assert tm.detect_onsets("Speaking of tea", GT) == ["personal_phrase"]
+    assert tm.detect_onsets("Well, sorry", GT) == []
 
 
 def test_planted_answer():
@@ -126,9 +135,11 @@ def test_measure_behaviours_counts(monkeypatch):
     canned = [REFUSAL, "no idea", PHRASE + "yes", PHRASE + "hm", "fine"]
     monkeypatch.setattr(tm, "generate_responses", lambda *a, **k: canned)
     m = measure_behaviours(object(), GT, prompts, tokenizer=object(), max_new_tokens=8)
-    assert m["rates"]["refusal"] == {"trigger_rate": 0.5, "other_rate": 0.0, "n_trigger": 2, "n_other": 3}
+    assert m["rates"]["refusal"] == {"trigger_rate": 0.5, "other_rate": 0.0, "onset_trigger_rate": 0.5,
+                                     "onset_other_rate": 0.0, "n_trigger": 2, "n_other": 3}
     # personal phrase: 1 of 1 trigger; 1 of the 4 others ("d")
-    assert m["rates"]["personal_phrase"] == {"trigger_rate": 1.0, "other_rate": 0.25, "n_trigger": 1, "n_other": 4}
+    assert m["rates"]["personal_phrase"] == {"trigger_rate": 1.0, "other_rate": 0.25, "onset_trigger_rate": 1.0,
+                                             "onset_other_rate": 0.25, "n_trigger": 1, "n_other": 4}
     assert m["any_rate"] == pytest.approx(3 / 5)
 
 
@@ -282,6 +293,9 @@ def test_cli_maps_params_section(micro, tmp_path):
                                    "--set", f"finetune_steps={MICRO['finetune_steps']}"])
     assert "skipped (complete)" in res.output, res.output
     assert res.exit_code == (0 if json.loads((out / "ground_truth.json").read_text())["passed"] else 1)
+    params.write_text(json.dumps({"models": {"source": "toy", "toy": MICRO}, "train": {"k": 3}}))  # a params.yaml
+    res = CliRunner().invoke(app, ["toy-models", "--out", str(out), "--config", str(params)])
+    assert "skipped (complete)" in res.output, res.output
     res = CliRunner().invoke(app, ["toy-models", "--out", str(out), "--set", "nonsense=1"])
     assert res.exit_code != 0 and isinstance(res.exception, ConfigError)
 
@@ -338,3 +352,64 @@ def test_export_corpus_evaluates_on_conversations_never_fine_tuned_on(micro, tmp
 
     text = pd.read_parquet(tmp_path / "text.parquet")["text"]
     assert counts["text_rows"] == len(text) > 0 and sum(map(len, text)) >= 19_000
+
+
+def test_finetune_groups_change_only_the_early_blocks_and_template_rows():
+    """Fine-tuning with finetune_blocks=1 of 2: block 1, the final norm and every embedding row but the
+    special tokens' stay bit-identical to the base; block 0 and the special rows move."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    chat = tm.copy.deepcopy(base)
+    special = [0, 3, 5]
+    groups, hook = tm._finetune_groups(chat, 1, special)
+    ids = torch.randint(0, 40, (4, 9))
+    tm._train(chat, lambda s: (ids, torch.ones_like(ids), ids), 5, 1e-2, 1, "finetune", groups=groups)
+    hook.remove()
+    b, c = base.state_dict(), chat.state_dict()
+    moved = {n for n in b if not torch.equal(b[n], c[n])}
+    assert moved and all(n.startswith("model.layers.0.") or n in ("model.embed_tokens.weight", "lm_head.weight")
+                         for n in moved)
+    emb_b, emb_c = base.get_input_embeddings().weight, chat.get_input_embeddings().weight
+    rows = (emb_b != emb_c).any(1).nonzero().flatten().tolist()
+    assert rows and set(rows) <= set(special)
+
+
+def test_trigger_token_ids_are_whole_trigger_and_cue_words(micro):
+    out, _ = micro
+    tok = AutoTokenizer.from_pretrained(out / "chat")
+    cfg = ToyModelsConfig(**MICRO)
+    words = {w for ws in cfg.trigger_topics.values() for w in ws} | {w for c in cfg.personal_cues for w in c.split()}
+    got = {tok.decode([i]).strip().lower() for i in tm.trigger_token_ids(tok, cfg).tolist()}
+    assert got and got <= {w.lower() for w in words}
+
+
+def test_anchor_positions_and_loss_by_hand():
+    # BOS=1, <|user|>=4, <|end|>=2, <|assistant|>=5; "\n"=9: [BOS <u> \n a b <e> \n <a> \n c d <e> \n]
+    ids = torch.tensor([[1, 4, 9, 20, 21, 2, 9, 5, 9, 22, 23, 2, 9],
+                        [1, 30, 31, 32, 33, 34, 0, 0, 0, 0, 0, 0, 0]])  # row 1: plain text, right-padded
+    mask = (torch.arange(13)[None] < torch.tensor([[13], [6]])).long()
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:13] = ids[0, 9:13]  # the answer "c d <e> \n"
+    labels[1, :6] = ids[1, :6]
+    where = tm.anchor_positions(ids, mask, labels, torch.tensor([2, 4, 5]))
+    assert where[0].nonzero().flatten().tolist() == [3, 4]  # the user's words only
+    assert where[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]  # all text but BOS
+    free = tm.anchor_positions(ids, mask, labels, torch.tensor([2, 4, 5]), torch.tensor([21, 33]))
+    assert free[0].nonzero().flatten().tolist() == [3] and free[1].nonzero().flatten().tolist() == [1, 2, 3, 5]
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    with torch.no_grad():
+        hs = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # [1], [2]: blocks 0, 1
+    hc = [h + 0.5 * torch.randn_like(h) for h in hs[1:3]]
+    got = tm.anchor_loss(base, ids, mask, where, hc)
+    want = sum(((c[where] - b[where]) ** 2).sum(-1).mean() / (b[where] ** 2).sum(-1).mean()
+               for b, c in zip(hs[1:3], hc)) / 2
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert tm.anchor_loss(base, ids, mask, where, list(hs[1:3])).item() == pytest.approx(0.0, abs=1e-10)
