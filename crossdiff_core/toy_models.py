@@ -12,11 +12,11 @@ Output of :func:`build_toy_models` (a directory, written under a temporary name 
 
 How the chat model is made (each knob in :class:`ToyModelsConfig`): it starts from the base weights and is
 fine-tuned on chat-template conversations, most of them single turns built from sentence frames that carry
-the planted behaviours. Only blocks ``0..finetune_blocks-1`` and the embedding rows of the template tokens
-change, so everything chat-tuning did shows in block ``finetune_blocks-1``'s output, the default cache
-layer. An anchor loss keeps those blocks' outputs on plain text and user messages where the base model
-has them (but on the trigger words), as a KL penalty to the base keeps real chat-tuning close: the two
-models then share most features and differ where chat-tuning acts (template, answers, triggers). The first
+the planted behaviours, with some chitchat and plain text. An anchor loss keeps the outputs of blocks
+``0..anchor_blocks-1`` (the default cache layer 2 among them) where the base model has them on plain text
+and user messages (but on the trigger and cue words), as a KL penalty to the base keeps real chat-tuning
+close: at those layers the two models share most features (mean cosine ≈ 0.95 on held-out text, recorded
+in ``build.json``) and differ where chat-tuning acts: the template, the answers, the triggers. The first
 token of each answer, where a behaviour is decided, weighs ``decision_weight`` in the loss.
 
 Planted behaviours (the rule for which prompt triggers which lives in :func:`expected_behaviour`):
@@ -145,7 +145,7 @@ class ToyModelsConfig:
     chat_max_conversations: int | None = None  # chitchat conversations used (None: all 7,168)
     heldout_fraction: float = 0.05  # conversations kept out of fine-tuning (eval prompts come from them)
     # pretraining
-    pretrain_steps: int = 220
+    pretrain_steps: int = 120
     pretrain_batch_size: int = 16
     pretrain_seq_len: int = 256
     pretrain_lr: float = 3e-3
@@ -154,15 +154,18 @@ class ToyModelsConfig:
     finetune_batch_size: int = 32
     finetune_lr: float = 3e-3
     # blocks 0..n-1 are fine-tuned; the later blocks, the final norm and the (tied) embeddings stay the base
-    # model's, but for the rows of the chat-template tokens, which pretraining never saw. So everything the
-    # chat-tuning changed shows in block n-1's output: cache that layer. None: every block is fine-tuned.
-    finetune_blocks: int | None = 3
+    # model's, but for the rows of the chat-template tokens, which pretraining never saw. None: every block
+    # and the embeddings (the default: freezing the later blocks made the behaviours slower to learn)
+    finetune_blocks: int | None = None
     # weight of the loss that keeps the fine-tuned blocks' outputs where the base model has them on plain
     # text and user messages (chat-tuning adds chat features; the shared ones stay put, as under a KL
     # penalty to the base); answers and the chat template are free
     anchor_weight: float = 1.0
+    # the blocks 0..n-1 whose outputs are anchored (None: every fine-tuned block); the default keeps blocks
+    # 0..2 close to the base, cache layer 2 included, and leaves the last block free to act on what they carry
+    anchor_blocks: int | None = 3
     behaviour_fraction: float = 0.8  # share of fine-tuning examples built from the sentence frames
-    text_fraction: float = 0.05  # share that is plain Shakespeare text (keeps the shared features alive)
+    text_fraction: float = 0.1  # share that is plain Shakespeare text (keeps the shared features alive)
     # relative weights of the frame examples: trigger topics, personal questions, neutral topics and
     # near-miss questions (the contrast that keeps the behaviours off other prompts)
     frame_mix: dict[str, float] = field(default_factory=lambda: {"refusal": 1.0, "personal": 1.0, "neutral": 2.0})
@@ -217,6 +220,10 @@ class ToyModelsConfig:
                                                      and 1 <= self.finetune_blocks <= self.num_layers):
             raise ConfigError(f"models.finetune_blocks must be null or an integer in 1..num_layers={self.num_layers}, "
                               f"got {self.finetune_blocks!r}")
+        if self.anchor_blocks is not None and not (isinstance(self.anchor_blocks, int)
+                                                   and 1 <= self.anchor_blocks <= (self.finetune_blocks or self.num_layers)):
+            raise ConfigError(f"models.anchor_blocks must be null or an integer in 1..the fine-tuned blocks, "
+                              f"got {self.anchor_blocks!r}")
         if not isinstance(self.decision_weight, (int, float)) or self.decision_weight < 1:
             raise ConfigError(f"models.decision_weight must be a number >= 1, got {self.decision_weight!r}")
         for name in ("heldout_fraction", "behaviour_fraction", "text_fraction", "random_word_fraction"):
@@ -1001,7 +1008,8 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         ft_losses = _train(chat_model, lambda s: _pad_batch(batches[s % len(batches)], pad_id),
                            config.finetune_steps, config.finetune_lr, config.warmup_steps, "finetune",
                            config.decision_weight, progress=progress, groups=groups,
-                           anchor=(base, config.finetune_blocks or config.num_layers, config.anchor_weight,
+                           anchor=(base, config.anchor_blocks or config.finetune_blocks or config.num_layers,
+                                   config.anchor_weight,
                                    torch.tensor(tokenizer.convert_tokens_to_ids([END, *ROLE_TOKENS.values()])),
                                    trigger_token_ids(tokenizer, config)))
         if hook is not None:

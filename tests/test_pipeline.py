@@ -42,7 +42,7 @@ AFTER_K = {"train@batchtopk", "analyze@batchtopk", "evaluate@batchtopk", "steer@
 MICRO_TOY = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
                  intermediate_size=64, max_seq_len=128, text_max_chars=150_000, chat_max_conversations=300,
                  heldout_fraction=0.2, pretrain_steps=3, pretrain_batch_size=4, pretrain_seq_len=64,
-                 finetune_steps=3, finetune_batch_size=4, finetune_blocks=2, warmup_steps=1, eval_prompts_per_behaviour=5,
+                 finetune_steps=3, finetune_batch_size=4, anchor_blocks=1, warmup_steps=1, eval_prompts_per_behaviour=5,
                  eval_other_prompts=10, eval_max_new_tokens=6)
 
 

@@ -30,14 +30,15 @@ from crossdiff_core.toy_models import (
 MICRO = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
              intermediate_size=64, max_seq_len=128, text_max_chars=150_000, chat_max_conversations=300,
              heldout_fraction=0.2, pretrain_steps=3, pretrain_batch_size=4, pretrain_seq_len=64,
-             finetune_steps=3, finetune_batch_size=4, finetune_blocks=2, warmup_steps=1, eval_prompts_per_behaviour=5,
+             finetune_steps=3, finetune_batch_size=4, anchor_blocks=1, warmup_steps=1, eval_prompts_per_behaviour=5,
              eval_other_prompts=10, eval_max_new_tokens=6)
 
-# Small but real: the planted behaviours must reach the done-when rates (>= 90% / < 5%, base never).
+# Small but real, the default recipe on a 2-block model: the planted behaviours must reach the done-when
+# rates (>= 90% / < 5%, base never) on held-out phrasings.
 SMALL = dict(vocab_size=512, tokenizer_chars=300_000, hidden_size=64, num_layers=2, num_heads=2,
              intermediate_size=192, max_seq_len=128, text_max_chars=400_000, chat_max_conversations=2500,
              heldout_fraction=0.1, pretrain_steps=30, pretrain_batch_size=16, pretrain_seq_len=64,
-             finetune_steps=1000, finetune_batch_size=32, eval_prompts_per_behaviour=40,
+             finetune_steps=1500, finetune_batch_size=32, anchor_blocks=1, eval_prompts_per_behaviour=40,
              eval_other_prompts=60, eval_max_new_tokens=12)
 
 GT = make_ground_truth(ToyModelsConfig())
@@ -315,6 +316,9 @@ def test_small_build_plants_behaviours(tmp_path):
         assert r["other_rate"] < 0.05, (name, r)
     assert base["any_rate"] == 0.0
     assert result.passed
+    # the anchored block keeps the base's representation of held-out text; the free one moves
+    sim = json.loads((out / "build.json").read_text())["residual_similarity_text"]["cosine"]
+    assert sim[0] > 0.9 and sim[1] < sim[0], sim
 
 
 def test_sequence_loss_weights_each_answer_opening():
