@@ -114,12 +114,8 @@ def kl_table(run: RunInputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def behaviour_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict | None = None) -> dict | None:
-    """Whether steering a chat-only latent makes the base model show ``behaviour`` on its trigger prompts:
-    the full behaviour (``found = "full"``), else its onset, answers that open with its first word
-    (``found = "onset"``), else neither (``found = False``). Returns ``{"found", "best" (the run with the
-    largest rise), "tried": {latents, alphas, n_trigger}, "text"}``; None without steering results with a
-    ground truth."""
+def _base_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict | None = None) -> dict | None:
+    """The base-model part of :func:`behaviour_verdict`."""
     if not run.steering or not run.steering.get("has_ground_truth"):
         return None
     eff = refusal_effects(run.steering, behaviour, "base")
@@ -172,6 +168,45 @@ def behaviour_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: 
     return {"found": False, "best": _clean(b), "tried": tried, "text": text}
 
 
+def _chat_evidence(run: RunInputs, behaviour: str, word: str) -> str:
+    """A sentence on what steering chat-only latents does in the chat model (which already shows the
+    behaviour on its triggers): the largest rise of the behaviour, or of its onset, on the other prompts."""
+    eff = refusal_effects(run.steering, behaviour, "chat")
+    co = eff[eff["class"] == CHAT_ONLY] if len(eff) else eff
+    if co.empty:
+        return ""
+    for col, rate, what in (("other_rise", "other_rate", f"the whole {behaviour}"),
+                            ("onset_other_rise", "onset_other_rate", f"answers opening with {word}")):
+        up = co[co[col] > 0].sort_values([col, "latent"], ascending=[False, True])
+        if len(up):
+            b = up.iloc[0].to_dict()
+            return (f" In the chat model, chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} at "
+                    f"a = {b['alpha']:g} raises {what} on prompts that do not trigger it from "
+                    f"{_pct(b[rate + '_unsteered'])} to {_pct(b[rate])} ({_count(up['latent'].nunique(), 'chat-only latent')} "
+                    f"of those tried raise{'s' if up['latent'].nunique() == 1 else ''} it at some a).")
+    return f" In the chat model, no chat-only latent tried raised the {behaviour} or its onset on other prompts."
+
+
+def behaviour_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict | None = None) -> dict | None:
+    """Whether steering a chat-only latent makes the base model show ``behaviour`` on its trigger prompts:
+    the full behaviour (``found = "full"``), else its onset, answers that open with its first word
+    (``found = "onset"``), else neither (``found = False``); the text adds what the same latents do in
+    the chat model on the prompts that do not trigger the behaviour. Returns ``{"found", "best" (the base
+    run with the largest rise), "tried": {latents, alphas, n_trigger}, "text"}``; None without steering
+    results with a ground truth."""
+    v = _base_verdict(run, behaviour, ground_truth)
+    if v is None:
+        return None
+    word = "its first word"
+    if ground_truth is not None:
+        from .toy_models import onset_word
+
+        b = next((b for b in ground_truth["behaviours"] if b["name"] == behaviour), None)
+        word = f"“{onset_word(b)}”" if b else word
+    v["text"] += _chat_evidence(run, behaviour, word)
+    return v
+
+
 def _nu_note(run: RunInputs, latent: int) -> str:
     """`` (ν_ε = …, ν_r = …; passes the fixed ν filter)`` for a latent, from the run's table and summary."""
     row = run.latents.set_index("latent").loc[latent] if latent in set(run.latents["latent"]) else None
@@ -190,6 +225,10 @@ def _clean(d: dict | None) -> dict | None:
 
 def _clean_records(df: pd.DataFrame) -> list[dict]:
     return [_clean(r) for r in df.to_dict("records")]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _pct(v: Any) -> str:

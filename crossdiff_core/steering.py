@@ -397,8 +397,9 @@ def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: 
 
 def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base") -> pd.DataFrame:
     """One row per (latent, a) run on ``model``: the ``behaviour``'s trigger and other rates steered and
-    unsteered, the same for its onset (answers that open with its first word), and the rises in trigger
-    rate (``rise``, ``onset_rise``). Empty without a ground truth."""
+    unsteered, the same for its onset (answers that open with its first word), and the rises on trigger
+    prompts (``rise``, ``onset_rise``) and on the other prompts (``other_rise``, ``onset_other_rise``: for the
+    chat model, which already shows the behaviour on its triggers). Empty without a ground truth."""
     rows = []
     if not steer.get("has_ground_truth"):
         return pd.DataFrame(rows)
@@ -420,6 +421,8 @@ def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base"
     if len(df):
         df["rise"] = df["trigger_rate"].astype(float) - df["trigger_rate_unsteered"].astype(float)
         df["onset_rise"] = df["onset_trigger_rate"].astype(float) - df["onset_trigger_rate_unsteered"].astype(float)
+        df["other_rise"] = df["other_rate"].astype(float) - df["other_rate_unsteered"].astype(float)
+        df["onset_other_rise"] = df["onset_other_rate"].astype(float) - df["onset_other_rate_unsteered"].astype(float)
     return df
 
 
