@@ -157,14 +157,16 @@ class CrossCoder(torch.nn.Module):
 
     def scores(self, pre: torch.Tensor) -> torch.Tensor:
         """BatchTopK selection scores ``v_j = relu(pre_j) (||d_j^b|| + ||d_j^c||)``, ``[batch, F]``."""
-        return Fn.relu(pre) * self.decoder_norms().sum(0).to(pre.dtype)
+        with torch.no_grad():
+            return pre.detach().clamp_min(0).mul_(self.decoder_norms().sum(0).to(pre.dtype))
 
     def batch_mask(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BatchTopK selection: ``[batch, F]`` bool mask of the ``k·batch`` largest scores over the whole
         batch (ReLU zeros never count), and the smallest kept score ``v`` (for the inference threshold)."""
-        v = self.scores(pre.detach())
+        v = self.scores(pre)
         thr = self.batch_reduce.kth_largest(v, self.cfg.k)
-        return (v >= thr) & (v > 0), thr
+        # a positive threshold already leaves out the ReLU zeros: one pass instead of three
+        return (v >= thr) if bool(thr > 0) else (v >= thr) & (v > 0), thr
 
     def _select_batch(self, pre: torch.Tensor) -> Codes:
         rows, lat = self.batch_mask(pre)[0].nonzero(as_tuple=True)
@@ -235,23 +237,22 @@ class CrossCoder(torch.nn.Module):
             recon = reconstruction_loss(xn, x_hat)
             lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
             sparsity = l1_penalty(f, self.decoder_norms(), lam)
-            active = f > 0
-            out = LossOutput(recon + sparsity, recon, sparsity, zero, active.sum(1).float().mean(),
-                             active.any(0), x_hat.detach(), nan)
-            return out
+            counts = (f.detach() > 0).sum(0)  # [F] firings: L0 and the fired latents from one pass
+            return LossOutput(recon + sparsity, recon, sparsity, zero, counts.sum().float() / B, counts > 0,
+                              x_hat.detach(), nan)
         # dense masked codes: at k/F ~ 1/100 a dense [B,F]x[F,2d] product beats sparse kernels on CPU
         mask, thr = self.batch_mask(pre)
-        f = pre * mask  # kept entries are positive, so this is relu(pre) on them
+        f = torch.where(mask, pre, 0.0)  # kept entries are positive, so this is relu(pre) on them
         x_hat = self.decode_normalised(f)
         recon = reconstruction_loss(xn, x_hat)
         aux = zero
         if dead is not None and bool(dead.any()):
-            aux = self.aux_loss(xn, x_hat.detach(), pre, dead)
-        l0 = mask.sum() / B
-        return LossOutput(recon + self.cfg.aux_alpha * aux, recon, zero, aux, l0.float(), mask.any(0),
+            aux = self.aux_loss(xn, x_hat.detach(), dead)
+        counts = mask.sum(0)
+        return LossOutput(recon + self.cfg.aux_alpha * aux, recon, zero, aux, counts.sum().float() / B, counts > 0,
                           x_hat.detach(), thr)
 
-    def aux_loss(self, xn: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, xn: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the ``aux_k`` largest pre-activations among ``dead`` latents reconstruct
         the detached error ``e = x − x̂``; ``L_aux = Σ_m ||e_m − ê_m||² / Σ_m ||e_m − mean(e_m)||²``.
 
@@ -261,9 +262,11 @@ class CrossCoder(torch.nn.Module):
         points along the error; once one fires, the main loss takes over.
         """
         e = (xn - x_hat).detach()  # [B, 2, d]
-        # work on the dead columns only: cheap when few latents are dead, which is the common case
+        # work on the dead columns only: cheap when few latents are dead, which is the common case; their
+        # own small encoder product keeps the gradient off the [B, F] pre-activations
         idx = dead.nonzero(as_tuple=True)[0]
-        pre_d = pre[:, idx]  # [B, n_dead]
+        d = self.cfg.d_model
+        pre_d = torch.addmm(self.b_enc[idx], xn.reshape(-1, 2 * d), self.W_enc[:, :, idx].reshape(2 * d, -1))
         vals, pos = pre_d.topk(min(self.cfg.aux_k, idx.numel()), dim=1, sorted=False)
         st = vals + (Fn.relu(vals) - vals).detach()  # forward relu, backward identity
         f_aux = torch.zeros_like(pre_d).scatter(1, pos, st)

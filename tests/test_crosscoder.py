@@ -122,7 +122,7 @@ def test_auxk_value_and_gradients_reach_only_dead_latents():
     pre = m.pre_activations(xn)
     assert (pre[:, dead] < 0).all()
     x_hat = m.decode_normalised(m.encode_sparse(xn, batch_topk=True, normalised=True)).detach()
-    aux = m.aux_loss(xn, x_hat, pre, dead)
+    aux = m.aux_loss(xn, x_hat, dead)
     # value: with all dead pre-activations negative, ê = 0, so L_aux = Σ||e||² / Σ||e − mean e||²
     e = (xn - x_hat).detach().double()
     ref = e.pow(2).sum() / (e - e.mean(0)).pow(2).sum()
@@ -151,7 +151,7 @@ def test_auxk_revives_dead_latents():
         pre = m.pre_activations(xn)
         x_hat = m.decode_normalised(m.encode_sparse(xn, batch_topk=True, normalised=True)).detach()
         opt.zero_grad()
-        m.aux_loss(xn, x_hat, pre, dead).backward()
+        m.aux_loss(xn, x_hat, dead).backward()
         opt.step()
     after = m.pre_activations(m.normalise(x))[:, dead]
     assert before < 0 and (after > 0).any(dim=0).float().mean() > 0.5
