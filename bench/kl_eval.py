@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--dict-size", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
+    ap.add_argument("--max-pass-tokens", type=int, default=None, help="KLConfig.max_pass_tokens (default: its own)")
     ap.add_argument("--quick", action="store_true", help="small model and data (a smoke run)")
     a = ap.parse_args()
     if a.quick:
@@ -92,7 +93,7 @@ def main() -> None:
                           "delta_norm": dn, "nu_rank": rng.permutation(F).astype(float), "max_act": 1.0})
     sets = default_sets(table, n_random=5)
     n_sets = len(sets)
-    cfg = KLConfig(batch_size=a.batch_size, progress=False)
+    cfg = KLConfig(batch_size=a.batch_size, progress=False, max_pass_tokens=a.max_pass_tokens)
     batches = [make_batch(b, 0) for b in _batches(seqs, a.batch_size)]  # the batches kl_gap forms
 
     @torch.inference_mode()

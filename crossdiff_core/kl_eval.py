@@ -340,7 +340,7 @@ class KLConfig:
 
     batch_size: int = 8  # conversations per batch (both models' first blocks run once per batch)
     max_logit_elements: int = 1 << 27  # bound on kept positions x vocab of the logits of one pass (memory)
-    # bound on the token slots (sets x batch x length) of one pass of the later blocks; None: 8192 on CPU,
+    # bound on the token slots (sets x batch x length) of one pass of the later blocks; None: 2048 on CPU,
     # where larger passes fall out of cache and run slower per token (measured), 131072 on GPUs
     max_pass_tokens: int | None = None
     progress: bool = True
@@ -416,6 +416,19 @@ def _batches(sequences: Sequence[Any], batch_size: int) -> list[list[Any]]:
     return [[sequences[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
 
 
+def _kl_to(logits: torch.Tensor, logp_ref: torch.Tensor, p_ref: torch.Tensor, rows: int = 32) -> torch.Tensor:
+    """``KL(p_ref || softmax(logits))`` per position: ``logits [g, n, V]``, ``logp_ref``/``p_ref [n, V]`` ->
+    ``[g, n]`` float32. Blocks of ``rows`` positions keep the vocab-sized temporaries in cache (the log-softmax
+    and the products run over the block while it is still there)."""
+    g, n, _ = logits.shape
+    out = torch.empty(g, n, dtype=torch.float32, device=logits.device)
+    for r in range(0, n, rows):
+        lp = torch.log_softmax(logits[:, r:r + rows].float(), dim=-1)
+        # Σ_v p_ref (log p_ref − log p_S), in place on the block
+        out[:, r:r + rows] = lp.neg_().add_(logp_ref[r:r + rows]).mul_(p_ref[r:r + rows]).sum(-1).clamp_min_(0.0)
+    return out
+
+
 @torch.inference_mode()
 def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequence[PatchSet],
            cfg: KLConfig | None = None) -> KLResult:
@@ -476,7 +489,7 @@ def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequ
         t["patch"] += t2 - t1
         if n_keep == 0:
             continue
-        slots = cfg.max_pass_tokens or (8192 if device.type == "cpu" else 131072)
+        slots = cfg.max_pass_tokens or (2048 if device.type == "cpu" else 131072)
         per_pass = max(1, min(cfg.max_logit_elements // max(1, n_keep * vocab), slots // b.input_ids.numel()))
         logp_chat = None
         for a in range(0, S, per_pass):
@@ -488,13 +501,11 @@ def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequ
                     H[i][pm] = (base_tok + deltas[a + i]).to(dtype)
             logits = suffix_logits(pair.chat, layer, b.input_ids.repeat(g, 1), b.attention_mask.repeat(g, 1),
                                    H.view(g * H.shape[1], *H.shape[2:]), keep.repeat(g, 1), tuple_out=tuple_out)
-            logp = torch.log_softmax(logits.float(), dim=-1).view(g, n_keep, -1)
+            logits = logits.view(g, n_keep, -1)
             if logp_chat is None:
-                logp_chat = logp[0].clone()  # order[0] is the chat reference
+                logp_chat = torch.log_softmax(logits[0].float(), dim=-1)  # order[0] is the chat reference
                 p_chat = logp_chat.exp()
-            # Σ_v p_chat (log p_chat − log p_S), in place on logp: the vocab-sized tensors dominate memory
-            kl = logp.neg_().add_(logp_chat).mul_(p_chat).sum(-1).clamp_min(0.0)  # [g, n_keep]
-            kl_sum[chunk] += kl.double() @ gmask.T
+            kl_sum[chunk] += _kl_to(logits, logp_chat, p_chat).double() @ gmask.T
         t["suffix"] += time.perf_counter() - t2
     t["total"] = time.perf_counter() - t_start
     n = n_tok.cpu().numpy()
