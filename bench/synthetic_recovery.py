@@ -6,8 +6,9 @@ FVE, L0, dead fraction, recovery per planted class (a decoder row with cosine > 
 of planted class vs Δnorm class of the matched latent. The paper's effect (Complete Shrinkage): L1
 labels many weakly-shared features (base at 0.2–0.5 of chat) chat-only; BatchTopK does not.
 
-    python bench/synthetic_recovery.py                 # the BENCHMARKS.md run
-    python bench/synthetic_recovery.py --k 16 --search # fix k, search λ so that L1's L0 ≈ k
+    python bench/synthetic_recovery.py                 # the BENCHMARKS.md run: k = 8 (the planted features
+                                                       # active per token), λ searched so that L1's L0 ≈ 8
+    python bench/synthetic_recovery.py --no-search --l1-coeff 1.5   # BatchTopK's k = L1's measured L0
     python bench/synthetic_recovery.py --quick         # smaller, to check it runs
 """
 
@@ -89,13 +90,13 @@ def print_table(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-tokens", type=int, default=200_000, help="synthetic tokens in the cache")
-    ap.add_argument("--train-tokens", type=int, default=1_024_000, help="training tokens per crosscoder")
+    ap.add_argument("--train-tokens", type=int, default=4_096_000, help="training tokens per crosscoder")
     ap.add_argument("--dict-size", type=int, default=1024)
-    ap.add_argument("--l1-coeff", type=float, default=1.5, help="L1 λ (normalised units)")
-    ap.add_argument("--k", type=int, default=None,
-                    help="BatchTopK k (default: the L1 crosscoder's measured L0, rounded: matched L0)")
-    ap.add_argument("--search", action="store_true",
-                    help="with --k: first search λ (short runs at λ/2, λ, 2λ) so that L1's L0 ≈ k")
+    ap.add_argument("--l1-coeff", type=float, default=5.0, help="L1 λ (normalised units; the search's centre)")
+    ap.add_argument("--k", type=int, default=8,
+                    help="BatchTopK k; 0: the L1 crosscoder's measured L0, rounded (matched L0 after the fact)")
+    ap.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
+                    help="with k > 0: first search λ (short runs at λ/2, λ, 2λ) so that L1's L0 ≈ k")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dead-tokens", type=int, default=100_000, help="BatchTopK: a latent unfired this long is dead")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         tc = TrainConfig(tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, val_every=0,
                          checkpoint_every=0, dead_tokens=a.dead_tokens, progress=False)
         lam = a.l1_coeff
-        if a.k is not None and a.search:
+        if a.k and a.search:
             short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 3)})
             lam, _ = search_lambda(cache, work, target_l0=a.k, dict_size=a.dict_size, tc=short,
                                    lams=[lam / 2, lam, lam * 2])
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         l1 = train_and_score(cache, work / "l1", truth, kind="l1", dict_size=a.dict_size, k=None, l1_coeff=lam, tc=tc)
         print(f"l1 done: L0 {l1['l0']:.2f} ({l1['seconds']:.0f} s)", flush=True)
         # matched L0: BatchTopK's k is the L1 crosscoder's measured L0 unless --k fixes it
-        k = a.k if a.k is not None else max(1, round(l1["l0"]))
+        k = a.k if a.k else max(1, round(l1["l0"]))
         btk = train_and_score(cache, work / "batchtopk", truth, kind="batchtopk", dict_size=a.dict_size, k=k,
                               l1_coeff=0.0, tc=tc)
         print(f"batchtopk done: L0 {btk['l0']:.2f} ({btk['seconds']:.0f} s)", flush=True)
