@@ -43,7 +43,8 @@ test-fast: install browser
 
 demo: install
 	$(BIN)/dvc config core.analytics false
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	# one local Prefect server for all the stages (each would otherwise start a temporary one)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.local_server -- dvc repro
 	@echo
 	@echo "Report:     $(CURDIR)/artifacts/report/report.html"
 	@echo "Metrics:    $(BIN)/dvc metrics show"
