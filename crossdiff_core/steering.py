@@ -466,20 +466,20 @@ def steer_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, 
 
 
 def headline(res: dict, behaviour: str = "refusal") -> dict:
-    """The numbers of a sweep worth a metric: how many latents were steered and, with a ground truth, the run that
-    raised the base model's ``behaviour`` trigger rate most (latent, class, a, rate, unsteered rate)."""
+    """The numbers of a sweep worth a metric: how many latents were steered and, with a ground truth, how many
+    raise the base model's ``behaviour`` (whole, and its onset) on trigger prompts at some a, and the run that
+    raises each most (latent, class, a, rates steered and unsteered). No "best" run when none raises it."""
     out: dict[str, Any] = {"latents": len(res["latents"]), "seconds": res.get("seconds")}
     eff = refusal_effects(res, behaviour) if res.get("has_ground_truth") else pd.DataFrame()
-    if len(eff):
-        best = eff.sort_values(["rise", "latent"], ascending=[False, True], kind="stable").iloc[0]
-        out[f"base_{behaviour}_best"] = {"latent": int(best["latent"]), "class": best["class"],
-                                         "alpha": float(best["alpha"]), "trigger_rate": float(best["trigger_rate"]),
-                                         "unsteered": float(best["trigger_rate_unsteered"]),
-                                         "other_rate": float(best["other_rate"])}
-        onset = eff.sort_values(["onset_rise", "latent"], ascending=[False, True], kind="stable").iloc[0]
-        out[f"base_{behaviour}_onset_best"] = {"latent": int(onset["latent"]), "class": onset["class"],
-                                               "alpha": float(onset["alpha"]),
-                                               "onset_trigger_rate": float(onset["onset_trigger_rate"]),
-                                               "unsteered": float(onset["onset_trigger_rate_unsteered"]),
-                                               "onset_other_rate": float(onset["onset_other_rate"])}
+    if not len(eff):
+        return out
+    for key, rise, rate, other in ((f"base_{behaviour}", "rise", "trigger_rate", "other_rate"),
+                                   (f"base_{behaviour}_onset", "onset_rise", "onset_trigger_rate", "onset_other_rate")):
+        up = eff[eff[rise] > 0]
+        out[f"{key}_raised_by"] = int(up["latent"].nunique())
+        if len(up):
+            best = up.sort_values([rise, "latent"], ascending=[False, True], kind="stable").iloc[0]
+            out[f"{key}_best"] = {"latent": int(best["latent"]), "class": best["class"], "alpha": float(best["alpha"]),
+                                  rate: float(best[rate]), "unsteered": float(best[f"{rate}_unsteered"]),
+                                  other: float(best[other])}
     return out

@@ -12,7 +12,7 @@ import torch
 
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.models import decoder_layers, load_pair, residual_stream
-from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, first_user_turns, generate_texts,
+from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, first_user_turns, generate_texts, headline,
                                      prompt_max_activations,
                                      refusal_effects, run_steering, select_latents, steering, steering_kl,
                                      steering_vectors)
@@ -188,6 +188,38 @@ def test_run_steering_with_ground_truth(toy):
     eff = refusal_effects(res)
     assert len(eff) == 4 and set(eff["alpha"]) == {0.0, 8.0}
     assert (eff.loc[eff["alpha"] == 0.0, "rise"] == 0).all()
+
+
+def _rates(trigger, other, onset_trigger, onset_other):
+    return {"rates": {"refusal": {"trigger_rate": trigger, "other_rate": other, "onset_trigger_rate": onset_trigger,
+                                  "onset_other_rate": onset_other, "n_trigger": 10, "n_other": 20}}}
+
+
+def _sweep(runs: dict[int, list[tuple[float, dict]]]) -> dict:
+    return {"has_ground_truth": True, "seconds": 1.0,
+            "baseline": {"base": {"rates": _rates(0.1, 0.0, 0.2, 0.0)}},
+            "latents": [{"latent": j, "class": "chat_only", "runs": [{"model": "base", "alpha": a, "rates": r,
+                                                                       "kl_mean": 0.0} for a, r in rr]}
+                        for j, rr in runs.items()]}
+
+
+def test_headline_names_a_best_run_only_where_the_behaviour_rose():
+    flat = _sweep({3: [(1.0, _rates(0.1, 0.0, 0.2, 0.0)), (2.0, _rates(0.0, 0.0, 0.1, 0.0))],
+                   7: [(1.0, _rates(0.1, 0.0, 0.2, 0.0))]})
+    h = headline(flat)
+    assert h["latents"] == 2 and h["base_refusal_raised_by"] == 0 and h["base_refusal_onset_raised_by"] == 0
+    assert "base_refusal_best" not in h and "base_refusal_onset_best" not in h
+
+    # latent 7 raises the whole refusal most (0.1 -> 0.6 at a = 3); latents 3 and 7 both raise its onset,
+    # latent 3 most (0.2 -> 0.9 at a = 2)
+    up = _sweep({3: [(1.0, _rates(0.3, 0.05, 0.5, 0.1)), (2.0, _rates(0.1, 0.0, 0.9, 0.2))],
+                 7: [(1.0, _rates(0.2, 0.0, 0.3, 0.0)), (3.0, _rates(0.6, 0.1, 0.6, 0.1))]})
+    h = headline(up)
+    assert h["base_refusal_raised_by"] == 2 and h["base_refusal_onset_raised_by"] == 2
+    assert h["base_refusal_best"] == {"latent": 7, "class": "chat_only", "alpha": 3.0, "trigger_rate": 0.6,
+                                      "unsteered": 0.1, "other_rate": 0.1}
+    assert h["base_refusal_onset_best"] == {"latent": 3, "class": "chat_only", "alpha": 2.0, "onset_trigger_rate": 0.9,
+                                            "unsteered": 0.2, "onset_other_rate": 0.2}
 
 
 def test_first_user_turns_of_chat_data(tmp_path):
