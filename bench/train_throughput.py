@@ -5,16 +5,24 @@ autocast) it times full optimisation steps (loss, backward, clipping, Adam) on i
 divides by the tokens/s that a large GEMM of the same dtype would reach for the reference cost of
 24·d·F FLOPs per token (encoder and decoder, forward and backward).
 
-    python bench/train_throughput.py [--steps 6] [--quick]
+Each configuration runs with glibc's default malloc and with ``crossdiff_core.allocator.keep_freed_memory``
+(what the trainer does on CPU), each in a fresh process, alternated over ``--rounds`` rounds (best kept),
+so the two columns are measured side by side under the same machine load.
+
+    python bench/train_throughput.py [--steps 5] [--rounds 2] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import torch
 
+from crossdiff_core.allocator import keep_freed_memory
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.trainer import optimisation_step
 
@@ -54,36 +62,66 @@ def step_rate(kind: str, d: int, F: int, B: int, k: int, dtype: torch.dtype, ste
     return steps * B / el, float(out.l0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
-    args = ap.parse_args()
-    shapes = [(256, 4096, 2048, 32), (576, 8192, 1024, 64)]
-    if args.quick:
-        shapes = [(64, 512, 256, 8)]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+def measure(shapes, steps: int, malloc: str) -> dict:
+    """One process's figures: the GEMM limits and, per configuration, tokens/s and L0."""
+    if malloc == "keep" and not keep_freed_memory():
+        print("keep_freed_memory is not available here (not glibc)", file=sys.stderr)
     # CPUs without native bf16 (AVX2 only) run bf16 GEMMs on a slow fallback path: size that run to match
     slow_bf16 = gemm_flops(torch.bfloat16, n=256, reps=1) < 20e9
-    limits = {torch.float32: gemm_flops(torch.float32),
-              torch.bfloat16: gemm_flops(torch.bfloat16, n=512 if slow_bf16 else 2048, reps=2 if slow_bf16 else 5)}
-    if slow_bf16:
-        print("this CPU has no native bf16 matmul: bf16 rows use B/16 and 1 timed step")
-    for dt, fl in limits.items():
-        print(f"matmul limit {str(dt):>15}: {fl / 1e9:6.1f} GFLOP/s")
-    print(f"\n{'d':>4} {'F':>5} {'B':>5} {'mode':>14} {'dtype':>8} {'tok/s':>9} {'limit tok/s':>11} {'ratio':>6} {'L0':>7}")
+    limits = {"float32": gemm_flops(torch.float32),
+              "bfloat16": gemm_flops(torch.bfloat16, n=512 if slow_bf16 else 2048, reps=2 if slow_bf16 else 5)}
+    rows = []
     for d, F, B, k in shapes:
         for kind in ("l1", "batchtopk"):
             for dt in (torch.float32, torch.bfloat16):
                 small = slow_bf16 and dt == torch.bfloat16
-                rate, l0 = step_rate(kind, d, F, B // 16 if small else B, k, dt, 1 if small else args.steps,
+                rate, l0 = step_rate(kind, d, F, B // 16 if small else B, k, dt, 1 if small else steps,
                                      warmup=1 if small else 2)
-                lim = limits[dt] / (24 * d * F)
-                mode = "L1" if kind == "l1" else f"BatchTopK+AuxK k={k}"
-                print(f"{d:>4} {F:>5} {B:>5} {mode:>14} {str(dt).removeprefix('torch.'):>8} {rate:9,.0f} "
-                      f"{lim:11,.0f} {rate / lim:6.2f} {l0:7.1f}", flush=True)
+                rows.append({"d": d, "F": F, "B": B, "k": k, "kind": kind, "dtype": str(dt).removeprefix("torch."),
+                             "rate": rate, "l0": l0})
     # the limit again after the runs: a drifting (loaded) machine shows here
-    print(f"matmul limit re-measured  torch.float32: {gemm_flops(torch.float32) / 1e9:6.1f} GFLOP/s")
+    limits["float32_after"] = gemm_flops(torch.float32)
+    return {"limits": limits, "rows": rows, "slow_bf16": slow_bf16}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
+    ap.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    shapes = [(256, 4096, 2048, 32), (576, 8192, 1024, 64)]
+    if args.quick:
+        shapes = [(64, 512, 256, 8)]
+    if args.child:
+        print(json.dumps(measure(shapes, args.steps, args.child)))
+        return
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    runs: dict[str, list[dict]] = {"default": [], "keep": []}
+    for r in range(args.rounds):
+        for malloc in ("default", "keep"):
+            cmd = [sys.executable, __file__, "--child", malloc, "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[malloc].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}, malloc {malloc}: done", flush=True)
+    if runs["default"][0]["slow_bf16"]:
+        print("this CPU has no native bf16 matmul: bf16 rows use B/16 and 1 timed step")
+    limits = {dt: max(run["limits"][dt] for rr in runs.values() for run in rr) for dt in ("float32", "bfloat16")}
+    lo32 = min(min(run["limits"]["float32"], run["limits"]["float32_after"]) for rr in runs.values() for run in rr)
+    for dt, fl in limits.items():
+        print(f"matmul limit {dt:>9}: {fl / 1e9:6.1f} GFLOP/s (best of all runs)")
+    print(f"float32 limit drifted down to {lo32 / 1e9:.1f} GFLOP/s within the runs (load)")
+    print(f"\n{'d':>4} {'F':>5} {'B':>5} {'mode':>20} {'dtype':>8} {'tok/s default':>13} {'tok/s keep':>10} "
+          f"{'keep/default':>12} {'limit tok/s':>11} {'ratio':>6} {'L0':>6}")
+    for i, row in enumerate(runs["default"][0]["rows"]):
+        best = {m: max(run["rows"][i]["rate"] for run in rr) for m, rr in runs.items()}
+        lim = limits[row["dtype"]] / (24 * row["d"] * row["F"])
+        mode = "L1" if row["kind"] == "l1" else f"BatchTopK+AuxK k={row['k']}"
+        print(f"{row['d']:>4} {row['F']:>5} {row['B']:>5} {mode:>20} {row['dtype']:>8} {best['default']:13,.0f} "
+              f"{best['keep']:10,.0f} {best['keep'] / best['default']:12.2f} {lim:11,.0f} {best['keep'] / lim:6.2f} "
+              f"{runs['keep'][0]['rows'][i]['l0']:6.1f}")
+    print("ratio: tokens/s with keep_freed_memory (the trainer's CPU default) / the limit's tokens/s")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .crosscoder import CrossCoder, CrossCoderConfig
 from .fileio import atomic_write
 from .errors import CacheError, ConfigError, TrainingDivergedError
@@ -46,6 +47,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (autocast; weights stay float32)
     device: str = "cpu"
     progress: bool = True
+    keep_freed_memory: bool = True  # CPU: reuse the step's freed [batch, F] pages (see crossdiff_core.allocator)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -63,6 +65,10 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# settings that do not change the trained weights: a checkpoint written under other values still resumes
+RESULT_NEUTRAL = ("progress", "device", "checkpoint_every", "val_every", "keep_freed_memory")
 
 
 def lr_factor(step: int, steps: int, warmup_frac: float, decay_frac: float) -> float:
@@ -144,7 +150,7 @@ class Trainer:
         if not path.exists():
             return False
         st = torch.load(path, map_location=self.device, weights_only=False)
-        same = {k: v for k, v in asdict(self.cfg).items() if k not in ("progress", "device", "checkpoint_every", "val_every")}
+        same = {k: v for k, v in asdict(self.cfg).items() if k not in RESULT_NEUTRAL}
         old = {k: v for k, v in st["train_config"].items() if k in same}
         if old != same or st["model_config"] != asdict(self.model.cfg):
             raise ConfigError(
@@ -190,6 +196,8 @@ class Trainer:
         steps = cfg.steps
         warm_steps = max(1, int(cfg.warmup_frac * steps))
         decay = model.cfg.threshold_decay
+        if cfg.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         model.train()
         batches = self._batches()
         bar = tqdm(total=steps, initial=self.step, disable=not cfg.progress, unit="step",

@@ -51,6 +51,7 @@ def test_l1_loss_matches_hand_computation():
     out = m.loss(x)
     assert out.loss.item() == pytest.approx(total / 5, rel=1e-5)
     assert out.l0.item() == pytest.approx((f > 0).sum() / 5)
+    np.testing.assert_array_equal(out.fired.numpy(), (f > 0).any(0))
     # public API works in model units: x̂_m = s_m (f W_dec[m] + b_dec[m])
     x_hat = m(x).detach().double().numpy()
     ref = np.stack([f @ W_dec[mm] + b_dec[mm] for mm in range(2)], 1) * m.scales.double().numpy()[None, :, None]
@@ -71,6 +72,9 @@ def test_batchtopk_keeps_exactly_kB_and_threshold_path_matches():
     assert (f != 0).sum() == k * B
     np.testing.assert_array_equal(f != 0, expect_mask)
     np.testing.assert_allclose(f[expect_mask], np.maximum(pre, 0)[expect_mask], rtol=1e-5)
+    out = m.loss(x)
+    assert out.l0.item() == k
+    np.testing.assert_array_equal(out.fired.numpy(), expect_mask.any(0))
     # the inference threshold between the kB-th and (kB+1)-th score reproduces the batch selection
     with torch.no_grad():
         m.threshold.fill_(float((order[k * B - 1] + order[k * B]) / 2))
