@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .crosscoder import Codes, CrossCoder
+from .crosscoder import Codes, CrossCoder, firing_counts
 from .fileio import atomic_write, write_json
 from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, decoder_stats
 from .errors import CacheError, ConfigError, CrossdiffError, ModelMismatchError
@@ -85,7 +85,7 @@ class LatentStats:
         template share unknown)."""
         if isinstance(codes, torch.Tensor):
             f = codes.float()
-            self.count += (f > 0).sum(0)
+            self.count += firing_counts(f).long()
             self.sum_f += f.sum(0).double()
             if is_template is not None:
                 self.sum_f_template += (is_template.to(f.dtype) @ f).double()
@@ -270,8 +270,11 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
         xn = model.normalise(x)
         if model.cfg.kind == "l1":
             # L1 codes can be dense: keep them dense (GEMMs) unless sparse products are cheaper
-            f = model.encode(x)
-            codes = f if use_dense(int(torch.count_nonzero(f)), f.shape[0], F) else sparse_codes(f)
+            f = model.encode(xn, normalised=True)
+            # the density from every 8th token decides (an exact count costs a third of the encode at small F)
+            sample = f[::8]
+            dense = use_dense(int(torch.count_nonzero(sample)), sample.shape[0], F, model.cfg.d_model)
+            codes = f if dense else sparse_codes(f)
         else:
             codes = model.encode_sparse(xn, normalised=True)
         x_hat = model.decode_normalised(codes)

@@ -195,9 +195,9 @@ class CrossCoder(torch.nn.Module):
             batch_topk = self.training
         return self._select_batch(pre) if batch_topk else self._select_threshold(pre)
 
-    def encode(self, x: torch.Tensor, *, batch_topk: bool | None = None) -> torch.Tensor:
-        """``[batch, 2, d]`` model units -> dense codes ``f [batch, F]``."""
-        xn = self.normalise(x)
+    def encode(self, x: torch.Tensor, *, batch_topk: bool | None = None, normalised: bool = False) -> torch.Tensor:
+        """``[batch, 2, d]`` model units (or already normalised, with ``normalised``) -> dense codes ``f [batch, F]``."""
+        xn = x if normalised else self.normalise(x)
         if self.cfg.kind == "l1":
             return Fn.relu(self.pre_activations(xn))
         return self.encode_sparse(xn, batch_topk=batch_topk, normalised=True).to_dense(self.cfg.dict_size)

@@ -37,10 +37,13 @@ NU_RECON_MAX = 0.5
 SHARED_COVERAGE = 0.95  # the data-driven cut: central interval of the shared latents' ν
 MIN_SHARED_FIRES = 100  # shared latents firing less often give erratic ν and stay out of that interval
 
-# Codes denser than this use a dense fᵀY product; sparser ones a sparse one (cost ∝ active codes).
-# Whole analysis pass, CPU time on one thread: sparse wins 1.2x at 5% density (d=32, F=256) and 1.3x at
-# 8% (d=256, F=2048); dense wins 1.3x at 20% (d=256, F=2048).
-DENSE_ABOVE = 0.12
+# Codes denser than dense_above(d) go through dense products (fᵀY, the decode, the statistics), sparser ones
+# through sparse ones (cost ∝ active codes, plus a nonzero over [N, F]). Measured on the whole L1 analysis
+# pass (2 threads, F = 8d), dense / sparse time at 2% / 5% / 10% density: d=32 0.83 / 0.62 / 0.44,
+# d=64 1.04 / 0.79 / 0.51, d=128 1.31 / 0.95 / 0.57, d=256 1.39 / 0.89 / 0.65.
+def dense_above(d_model: int) -> float:
+    """The code density above which dense products are cheaper, for activations of width ``d_model``."""
+    return min(0.04, d_model / 4096)
 
 
 def sparse_codes(f: torch.Tensor) -> Codes:
@@ -49,9 +52,9 @@ def sparse_codes(f: torch.Tensor) -> Codes:
     return Codes(f[rows, lat], rows, lat, f.shape[0])
 
 
-def use_dense(nnz: int, n_tokens: int, dict_size: int) -> bool:
-    """Whether codes with ``nnz`` active entries are cheaper to process dense (see :data:`DENSE_ABOVE`)."""
-    return nnz > DENSE_ABOVE * n_tokens * dict_size
+def use_dense(nnz: int, n_tokens: int, dict_size: int, d_model: int) -> bool:
+    """Whether codes with ``nnz`` active entries are cheaper to process dense (see :func:`dense_above`)."""
+    return nnz > dense_above(d_model) * n_tokens * dict_size
 
 
 def direction_models(class_codes: torch.Tensor, direction: str = "auto") -> torch.Tensor:
@@ -106,7 +109,7 @@ class LatentScaling:
         """Add one batch: ``codes`` (sparse :class:`Codes` or dense ``[N, F]``), ``xn`` and ``x_hat``
         ``[N, 2, d]``, both in normalised units (``x_hat`` from the same codes, with ``b_dec``).
 
-        ``mode="auto"`` keeps dense codes dense and turns sparse ones dense above :data:`DENSE_ABOVE`."""
+        ``mode="auto"`` keeps dense codes dense and turns sparse ones dense above :func:`dense_above`."""
         N = xn.shape[0]
         if xn.shape != (N, 2, self.d) or x_hat.shape != xn.shape:
             raise ConfigError(f"xn and x_hat must both be [N, 2, {self.d}], got {list(xn.shape)} and {list(x_hat.shape)}")
@@ -117,7 +120,7 @@ class LatentScaling:
             raise ConfigError(f"dense codes must be [N={N}, F={self.F}], got {list(codes.shape)}")
         # auto: dense codes stay dense (the caller chose), sparse ones go dense only when dense enough
         dense_path = self.mode == "dense" or (
-            self.mode == "auto" and (dense or use_dense(codes.values.numel(), N, self.F)))
+            self.mode == "auto" and (dense or use_dense(codes.values.numel(), N, self.F, self.d)))
         if dense_path:
             f = (codes if dense else codes.to_dense(self.F)).to(torch.float32)
             self.sum_f2 += (f * f).sum(0).double()
