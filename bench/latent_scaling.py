@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from crossdiff_core.allocator import keep_freed_memory  # noqa: E402
 from crossdiff_core.analysis import AnalysisConfig, analyze  # noqa: E402
 from crossdiff_core.cache import ActivationCache  # noqa: E402
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
@@ -179,7 +180,10 @@ def main() -> None:
     work = Path(args.work)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
+    # what training and analyze do on CPU anyway; set up front so that every timed pass runs with it
+    kept = keep_freed_memory()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}, "
+          f"freed memory kept: {kept}")
 
     # ---- 1. planted data -----------------------------------------------------------------------------
     cache_dir = work / "planted"

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .crosscoder import Codes, CrossCoder, firing_counts
 from .fileio import atomic_write, write_json
 from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, decoder_stats
@@ -53,6 +54,7 @@ class AnalysisConfig:
     allow_other_cache: bool = False  # skip the check that the cache holds the crosscoder's models
     device: str = "cpu"
     progress: bool = True
+    keep_freed_memory: bool = True  # CPU: reuse the freed [batch, F] pages between batches (crossdiff_core.allocator)
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -250,6 +252,8 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
         raise CacheError(f"the cache {cache.path} holds no tokens: cache some data with `crossdiff cache` first")
     match = check_compatible(model, cache, allow_other_cache=cfg.allow_other_cache)
     device = torch.device(cfg.device)
+    if cfg.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
     model = model.to(device).eval()
     if model.cfg.kind == "batchtopk" and not bool(torch.isfinite(model.threshold)):
         raise CrossdiffError("this batchtopk crosscoder has no inference threshold (it stopped before warm-up "
