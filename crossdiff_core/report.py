@@ -28,7 +28,7 @@ from .decoder_norms import CHAT_ONLY, CLASSES
 from .errors import CrossdiffError
 from .kl_eval import CATEGORIES
 from .plots import _save, plot_all
-from .steering import refusal_effects
+from .steering import raising_runs, refusal_effects
 
 KL_BAR_SETS = ("chat_only", "delta_norm_top", "delta_norm_bottom", "nu_top", "nu_bottom", "random", "error",
                "reconstruction")
@@ -114,32 +114,35 @@ def kl_table(run: RunInputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _base_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict | None = None) -> dict | None:
-    """The base-model part of :func:`behaviour_verdict`."""
+def _onset_label(behaviour: str, ground_truth: dict | None) -> str:
+    """How the texts name a behaviour's opening word: quoted from the ground truth, else "its first word"."""
+    from .toy_models import onset_word
+
+    b = next((b for b in (ground_truth or {}).get("behaviours", []) if b["name"] == behaviour), None)
+    return f"“{onset_word(b)}”" if b else "its first word"
+
+
+def _base_verdict(run: RunInputs, behaviour: str, word: str) -> dict | None:
+    """The base-model part of :func:`behaviour_verdict`; ``word`` names the behaviour's opening word."""
     if not run.steering or not run.steering.get("has_ground_truth"):
         return None
     eff = refusal_effects(run.steering, behaviour, "base")
     if eff.empty:
         return None
-    word = "its first word"
-    if ground_truth is not None:
-        from .toy_models import onset_word
-
-        b = next((b for b in ground_truth["behaviours"] if b["name"] == behaviour), None)
-        word = f"“{onset_word(b)}”" if b else word
     co = eff[eff["class"] == CHAT_ONLY]
     tried = {"latents": sorted(int(j) for j in co["latent"].unique()),
              "alphas": sorted(float(a) for a in co["alpha"].unique()),
              "n_trigger": int(co["n_trigger"].max()) if len(co) else 0}
     tried_text = (f"Tried {len(tried['latents'])} chat-only latents ({', '.join(map(str, tried['latents']))}) at "
                   f"a ∈ {{{', '.join(f'{a:g}' for a in tried['alphas'])}}} on {tried['n_trigger']} trigger prompts.")
+    unsteered = _pct(eff["trigger_rate_unsteered"].iloc[0])
     if co.empty:
         n_co = int(((run.latents["class"] == CHAT_ONLY) & np.isfinite(run.latents["max_act"].astype(float))).sum())
         text = (f"No chat-only latent was steered ({n_co} chat-only latents fire in this crosscoder), so none can be "
-                f"named: the base model's {behaviour} rate was {_pct(eff['trigger_rate_unsteered'].iloc[0])} unsteered; "
+                f"named: the base model's {behaviour} rate was {unsteered} unsteered; "
                 f"latents steered: {', '.join(map(str, sorted(eff['latent'].unique())))} (not chat-only).")
         return {"found": False, "best": None, "tried": tried, "text": text}
-    up = co[co["rise"] > 0].sort_values(["rise", "other_rate", "latent"], ascending=[False, True, True])
+    up = raising_runs(co, "rise", "other_rate")
     if len(up):
         b = up.iloc[0].to_dict()
         text = (f"Steering the base model with chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} "
@@ -148,11 +151,11 @@ def _base_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict
                 f"{_pct(b['other_rate_unsteered'])} → {_pct(b['other_rate'])}; {b['n_trigger']} trigger prompts). "
                 f"{up['latent'].nunique()} of {len(tried['latents'])} chat-only latents tried raise it at some a.")
         return {"found": "full", "best": _clean(b), "raising": _clean_records(up), "tried": tried, "text": text}
-    on = co[co["onset_rise"] > 0].sort_values(["onset_rise", "onset_other_rate", "latent"], ascending=[False, True, True])
+    on = raising_runs(co, "onset_rise", "onset_other_rate")
     if len(on):
         b = on.iloc[0].to_dict()
         text = (f"No chat-only latent made the base model give the whole {behaviour} (its rate stayed at "
-                f"{_pct(b['trigger_rate_unsteered'])}), but chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} "
+                f"{unsteered}), but chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} "
                 f"at a = {b['alpha']:g} makes it open its answers with {word} on {_pct(b['onset_trigger_rate'])} of "
                 f"the trigger prompts (unsteered {_pct(b['onset_trigger_rate_unsteered'])}; other prompts: "
                 f"{_pct(b['onset_other_rate_unsteered'])} → {_pct(b['onset_other_rate'])}): it drives the {behaviour}'s "
@@ -160,12 +163,10 @@ def _base_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict
                 f"rather than finish the sentence. {on['latent'].nunique()} of {len(tried['latents'])} chat-only latents "
                 f"tried do this at some a. " + tried_text)
         return {"found": "onset", "best": _clean(b), "raising": _clean_records(on), "tried": tried, "text": text}
-    best = co.sort_values(["trigger_rate", "latent"], ascending=[False, True]).head(1)
-    b = best.iloc[0].to_dict() if len(best) else None
+    # nothing rose: no run is named "best" (a flat run would read as a finding)
     text = (f"No chat-specific latent raised the base model's {behaviour} rate, nor the rate of answers opening "
-            f"with {word}. " + tried_text + f" The base model's {behaviour} rate stayed at "
-            f"{_pct((b or {}).get('trigger_rate_unsteered'))}.")
-    return {"found": False, "best": _clean(b), "tried": tried, "text": text}
+            f"with {word}. " + tried_text + f" The base model's {behaviour} rate stayed at {unsteered}.")
+    return {"found": False, "best": None, "tried": tried, "text": text}
 
 
 def _chat_evidence(run: RunInputs, behaviour: str, word: str) -> str:
@@ -177,7 +178,7 @@ def _chat_evidence(run: RunInputs, behaviour: str, word: str) -> str:
         return ""
     for col, rate, what in (("other_rise", "other_rate", f"the whole {behaviour}"),
                             ("onset_other_rise", "onset_other_rate", f"answers opening with {word}")):
-        up = co[co[col] > 0].sort_values([col, "latent"], ascending=[False, True])
+        up = raising_runs(co, col)
         if len(up):
             b = up.iloc[0].to_dict()
             return (f" In the chat model, chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} at "
@@ -192,18 +193,12 @@ def behaviour_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: 
     the full behaviour (``found = "full"``), else its onset, answers that open with its first word
     (``found = "onset"``), else neither (``found = False``); the text adds what the same latents do in
     the chat model on the prompts that do not trigger the behaviour. Returns ``{"found", "best" (the base
-    run with the largest rise), "tried": {latents, alphas, n_trigger}, "text"}``; None without steering
-    results with a ground truth."""
-    v = _base_verdict(run, behaviour, ground_truth)
-    if v is None:
-        return None
-    word = "its first word"
-    if ground_truth is not None:
-        from .toy_models import onset_word
-
-        b = next((b for b in ground_truth["behaviours"] if b["name"] == behaviour), None)
-        word = f"“{onset_word(b)}”" if b else word
-    v["text"] += _chat_evidence(run, behaviour, word)
+    run with the largest rise; None when nothing rose), "tried": {latents, alphas, n_trigger}, "text"}``;
+    None without steering results with a ground truth."""
+    word = _onset_label(behaviour, ground_truth)
+    v = _base_verdict(run, behaviour, word)
+    if v is not None:
+        v["text"] += _chat_evidence(run, behaviour, word)
     return v
 
 

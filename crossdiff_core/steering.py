@@ -426,6 +426,13 @@ def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base"
     return df
 
 
+def raising_runs(eff: pd.DataFrame, rise: str, *tie: str) -> pd.DataFrame:
+    """The rows of :func:`refusal_effects` with ``rise > 0`` (a rise column), largest rise first, then ``tie``
+    columns ascending, then the latent."""
+    cols = [rise, *tie, "latent"]
+    return eff[eff[rise] > 0].sort_values(cols, ascending=[False] + [True] * (len(cols) - 1), kind="stable")
+
+
 def steer_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, *, prompts: Sequence[dict] | None = None,
                      ground_truth: str | os.PathLike | None = None, steer_latents: Sequence[int] | None = None,
                      n_top: int = 8, n_tracking: int = 4, n_shared: int = 2, max_prompts: int | None = None,
@@ -475,10 +482,10 @@ def headline(res: dict, behaviour: str = "refusal") -> dict:
         return out
     for key, rise, rate, other in ((f"base_{behaviour}", "rise", "trigger_rate", "other_rate"),
                                    (f"base_{behaviour}_onset", "onset_rise", "onset_trigger_rate", "onset_other_rate")):
-        up = eff[eff[rise] > 0]
+        up = raising_runs(eff, rise)
         out[f"{key}_raised_by"] = int(up["latent"].nunique())
         if len(up):
-            best = up.sort_values([rise, "latent"], ascending=[False, True], kind="stable").iloc[0]
+            best = up.iloc[0]
             out[f"{key}_best"] = {"latent": int(best["latent"]), "class": best["class"], "alpha": float(best["alpha"]),
                                   rate: float(best[rate]), "unsteered": float(best[f"{rate}_unsteered"]),
                                   other: float(best[other])}

@@ -143,6 +143,7 @@ def test_verdicts_name_a_latent_or_say_none_did(analysed):
     run.steering = _fake_steering(res.table, rises=False)
     v = behaviour_verdict(run)
     assert not v["found"] and v["text"].startswith("No chat-specific latent raised the base model's refusal rate")
+    assert v["best"] is None  # a flat run is not named
     assert v["tried"]["latents"] == sorted(co) and v["tried"]["alphas"] == [0.5, 1.0]
     run.steering = _fake_steering(res.table, rises=False, onset=True)  # "Sorry Sorry ...": the onset only
     v = behaviour_verdict(run, ground_truth=_ground_truth())
