@@ -43,7 +43,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -244,6 +244,11 @@ class ToyModelsConfig:
                  or w.lower() in {n.lower() for n in NEUTRAL_WORDS_TRAIN + NEUTRAL_WORDS_EVAL + PERSONAL_NOUNS_TRAIN + PERSONAL_NOUNS_EVAL}]
         if clash:
             raise ConfigError(f"trigger words {clash} collide with the built-in neutral words or personal cues; choose other words")
+
+    @property
+    def anchored_blocks(self) -> int:
+        """How many blocks (from block 0) the anchor loss holds: ``anchor_blocks``, else every fine-tuned block."""
+        return self.anchor_blocks or self.finetune_blocks or self.num_layers
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ToyModelsConfig":
@@ -721,13 +726,22 @@ def anchor_loss(base, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor
     return total / len(chat_blocks)
 
 
+class Anchor(NamedTuple):
+    """What the fine-tuning's anchor loss needs: ``weight ·`` :func:`anchor_loss` toward ``base`` on blocks
+    ``0..blocks-1`` at the :func:`anchor_positions` given by ``marker_ids`` and ``free_ids``."""
+
+    base: Any
+    blocks: int
+    weight: float
+    marker_ids: torch.Tensor
+    free_ids: torch.Tensor | None
+
+
 def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int,
            lr: float, warmup: int, what: str, first_weight: float = 1.0, progress: bool = False,
-           groups: list[dict] | None = None, anchor: tuple[Any, int, float, torch.Tensor] | None = None
-           ) -> list[float]:
+           groups: list[dict] | None = None, anchor: Anchor | None = None) -> list[float]:
     """AdamW with warm-up and cosine decay to 10% over ``groups`` (default: every parameter); returns the
-    loss per step. ``anchor = (base model, n blocks, weight, turn-marker ids, free ids)`` adds ``weight ·``
-    :func:`anchor_loss` of blocks ``0..n-1`` at the :func:`anchor_positions`."""
+    loss per step, with ``anchor``'s loss added when its weight is positive."""
     from tqdm.auto import tqdm
 
     from .models import decoder_layers
@@ -736,7 +750,7 @@ def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, tor
     groups = groups or [{"params": list(model.parameters())}]
     outs: list[torch.Tensor] = []  # the anchored blocks' outputs of the current step
     hooks = [blk.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o))
-             for blk in decoder_layers(model)[: anchor[1]]] if anchor is not None and anchor[2] > 0 else []
+             for blk in decoder_layers(model)[: anchor.blocks]] if anchor is not None and anchor.weight > 0 else []
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     losses = []
@@ -746,8 +760,8 @@ def _train(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor, tor
         outs.clear()
         loss = sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels, first_weight)
         if hooks:
-            where = anchor_positions(ids, mask, labels, anchor[3], anchor[4])
-            loss = loss + anchor[2] * anchor_loss(anchor[0], ids, mask, where, outs)
+            where = anchor_positions(ids, mask, labels, anchor.marker_ids, anchor.free_ids)
+            loss = loss + anchor.weight * anchor_loss(anchor.base, ids, mask, where, outs)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"{what}: loss became {loss.item()} at step {step}; lower models.{what}_lr")
         loss.backward()
@@ -1008,10 +1022,9 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         ft_losses = _train(chat_model, lambda s: _pad_batch(batches[s % len(batches)], pad_id),
                            config.finetune_steps, config.finetune_lr, config.warmup_steps, "finetune",
                            config.decision_weight, progress=progress, groups=groups,
-                           anchor=(base, config.anchor_blocks or config.finetune_blocks or config.num_layers,
-                                   config.anchor_weight,
-                                   torch.tensor(tokenizer.convert_tokens_to_ids([END, *ROLE_TOKENS.values()])),
-                                   trigger_token_ids(tokenizer, config)))
+                           anchor=Anchor(base, config.anchored_blocks, config.anchor_weight,
+                                         torch.tensor(tokenizer.convert_tokens_to_ids([END, *ROLE_TOKENS.values()])),
+                                         trigger_token_ids(tokenizer, config)))
         if hook is not None:
             hook.remove()
         for prm in chat_model.parameters():
