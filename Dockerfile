@@ -27,7 +27,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     DVC_NO_ANALYTICS=1 \
     CROSSDIFF_REPO=/app \
     CROSSDIFF_POOL=crossdiff-gpu \
-    CROSSDIFF_GIT_COMMIT=${GIT_COMMIT}
+    CROSSDIFF_GIT_COMMIT=${GIT_COMMIT} \
+    PREFECT_WORKER_WEBSERVER_HOST=127.0.0.1 \
+    PREFECT_WORKER_WEBSERVER_PORT=8080
 
 # Ubuntu's python3 and git; the versions move with the point releases of the base image, so they are
 # not pinned (the image is pinned by its tag).
@@ -53,9 +55,13 @@ RUN pip install --no-cache-dir --no-deps -e . \
 # not root: the user crossdiff
 USER 10001:10001
 
-# healthy when the Prefect API this worker serves answers
+# The worker's health-check server (--with-healthcheck: GET /health, 503 once the worker stops
+# polling) listens on PREFECT_WORKER_WEBSERVER_HOST:PORT, here 127.0.0.1:8080, inside the container
+# only (Prefect's default would be every interface); pass -e PREFECT_WORKER_WEBSERVER_HOST=0.0.0.0
+# -p 8080:8080 to probe it from outside. A container running a flow run (arguments given) has no
+# worker: it is healthy while the Prefect API answers.
 HEALTHCHECK --interval=60s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['PREFECT_API_URL'].rstrip('/') + '/health', timeout=5)"]
+    CMD ["python", "-c", "import os, urllib.request as u; w = b'\\0worker\\0start' in open('/proc/1/cmdline', 'rb').read(); h = os.environ.get('PREFECT_WORKER_WEBSERVER_HOST', '127.0.0.1'); h = '127.0.0.1' if h in ('', '0.0.0.0', '::') else h; url = f\"http://{h}:{os.environ.get('PREFECT_WORKER_WEBSERVER_PORT', '8080')}/health\" if w else os.environ['PREFECT_API_URL'].rstrip('/') + '/health'; u.urlopen(url, timeout=5)"]
 
 ENTRYPOINT ["/bin/sh", "-c", "if [ \"$#\" -gt 0 ]; then exec \"$@\"; fi; exec prefect worker start --pool \"$CROSSDIFF_POOL\" --type process --with-healthcheck", "--"]
 CMD []

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from crossdiff_core.allocator import keep_freed_memory  # noqa: E402
 from crossdiff_core.analysis import AnalysisConfig, analyze  # noqa: E402
 from crossdiff_core.cache import ActivationCache  # noqa: E402
-from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
+from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig, CrossCoderSettings  # noqa: E402
 from crossdiff_core.synthetic import SyntheticConfig, load_truth, write_cache  # noqa: E402
 from crossdiff_core.trainer import TrainConfig, train_crosscoder  # noqa: E402
 
@@ -125,10 +125,9 @@ def train(cache_dir: Path, out: Path, kind: str, args) -> CrossCoder:
         tc = TrainConfig(tokens=args.tokens, batch_size=args.train_batch, lr=args.lr, progress=False,
                          val_every=0, checkpoint_every=0, val_tokens=4096, dead_tokens=args.dead_tokens, seed=0)
         t = time.perf_counter()
-        m = train_crosscoder(cache_dir, out, kind=kind, dict_size=args.dict_size,
-                             k=args.k if kind == "batchtopk" else None,
-                             l1_coeff=args.l1_coeff if kind == "l1" else 0.0, train=tc,
-                             model_overrides={"threshold_decay": 0.99} if kind == "batchtopk" else None)
+        tc.crosscoder = CrossCoderSettings(dict_size=args.dict_size, k=args.k, l1_coeff=args.l1_coeff,
+                                           **({"threshold_decay": 0.99} if kind == "batchtopk" else {}))
+        m = train_crosscoder(cache_dir, out, kind=kind, train=tc)
         print(f"trained {kind}: {time.perf_counter() - t:.0f} s, FVE base {m['fve_base']:.3f} chat "
               f"{m['fve_chat']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.3f}")
     return CrossCoder.load(out).eval()

@@ -21,7 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from crossdiff_core.toy_models import ToyModelsConfig, build_toy_models, measure_behaviours  # noqa: E402
+from crossdiff_core.ground_truth import measure_behaviours  # noqa: E402
+from crossdiff_core.toy import ToyModelsConfig, build_toy_models  # noqa: E402
 
 
 def main() -> None:

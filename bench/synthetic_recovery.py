@@ -6,6 +6,12 @@ FVE, L0, dead fraction, recovery per planted class (a decoder row with cosine > 
 of planted class vs Δnorm class of the matched latent. The paper's effect (Complete Shrinkage): L1
 labels many weakly-shared features (base at 0.2–0.5 of chat) chat-only; BatchTopK does not.
 
+BatchTopK is trained twice, side by side: with today's defaults and with the old recipe (decoder rows at
+0.05, zero b_dec, the inference threshold's EMA at 0.999), which left 47–70% of its latents dead. The dead
+fraction is reported as the analysis sees it (never firing on the whole cache at inference), on the
+held-out tokens, and over training (the trainer's history: `dead_fraction` on the held-out tokens,
+`dead_train_fraction` = unfired for `--dead-tokens`).
+
     python bench/synthetic_recovery.py                 # the BENCHMARKS.md run: k = 8 (the planted features
                                                        # active per token), λ searched so that L1's L0 ≈ 8
     python bench/synthetic_recovery.py --no-search --l1-coeff 1.5   # BatchTopK's k = L1's measured L0
@@ -20,30 +26,41 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from crossdiff_core.crosscoder import CrossCoder
+from crossdiff_core.crosscoder import CrossCoder, CrossCoderSettings
 from crossdiff_core.decoder_norms import CLASSES, class_codes
 from crossdiff_core.cache import ActivationCache
+from crossdiff_core.metrics import evaluate
 from crossdiff_core.synthetic import (PLANTED_CLASSES, SyntheticConfig, ideal_delta_norm, load_truth, score,
                                       write_cache)
 from crossdiff_core.trainer import TrainConfig, train_crosscoder
 
 SHORT = {"shared": "shared", "chat_only": "chat-only", "base_only": "base-only", "weakly_shared": "weak",
-         "changed_direction": "changed", "other": "other"}
+         "changed_direction": "changed", "other": "other", "dead": "dead"}
+# the BatchTopK recipe before issue 12 (what left most latents dead), for the side-by-side column
+OLD_BATCHTOPK = {"init_norm": 0.05, "b_dec_init": "zero", "threshold_decay": 0.999}
 
 
 def train_and_score(cache: Path, out: Path, truth, *, kind: str, dict_size: int, k: int | None, l1_coeff: float,
-                    tc: TrainConfig) -> dict:
+                    tc: TrainConfig, label: str | None = None, recipe: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    m = train_crosscoder(cache, out, kind=kind, dict_size=dict_size, k=k, l1_coeff=l1_coeff, train=tc)
+    tc = replace(tc, crosscoder=CrossCoderSettings(dict_size=dict_size, k=k, l1_coeff=l1_coeff, **(recipe or {})))
+    m = train_crosscoder(cache, out, kind=kind, train=tc)
     secs = time.perf_counter() - t0
-    s = score(CrossCoder.load(out), truth)
+    model = CrossCoder.load(out).eval()
+    c = ActivationCache(cache)
+    everywhere = evaluate(model, (x for _, x in c.iter_sequential(8192, dtype=torch.float32)))  # what analysis counts
+    s = score(model, truth)
     s.pop("matches")
-    return {"kind": kind, "k": k, "l1_coeff": l1_coeff, "fve_base": m["fve_base"], "fve_chat": m["fve_chat"],
-            "l0": m["l0"], "dead_fraction": m["dead_fraction"], "seconds": secs, **s}
+    history = json.loads((out / "history.json").read_text())
+    return {"kind": kind, "label": label or kind, "k": k, "l1_coeff": l1_coeff, "recipe": recipe or "defaults",
+            "fve_base": m["fve_base"], "fve_chat": m["fve_chat"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
+            "dead_cache": everywhere["dead_fraction"], "dead_train": m["dead_train_fraction"], "seconds": secs,
+            "dead_history": [(h["step"], h["dead_fraction"], h["dead_train_fraction"]) for h in history], **s}
 
 
 def search_lambda(cache: Path, work: Path, *, target_l0: float, dict_size: int, tc: TrainConfig,
@@ -51,7 +68,8 @@ def search_lambda(cache: Path, work: Path, *, target_l0: float, dict_size: int, 
     """Short L1 runs at each λ; interpolate log λ linearly in log L0 to hit ``target_l0``."""
     pts = []
     for i, lam in enumerate(lams):
-        m = train_crosscoder(cache, work / f"search-{i}", kind="l1", dict_size=dict_size, l1_coeff=lam, train=tc)
+        m = train_crosscoder(cache, work / f"search-{i}", kind="l1",
+                             train=replace(tc, crosscoder=CrossCoderSettings(dict_size=dict_size, l1_coeff=lam)))
         pts.append((lam, m["l0"]))
         print(f"  λ search: λ={lam:g} -> L0 {m['l0']:.1f}", flush=True)
     pts.sort()
@@ -68,9 +86,10 @@ def search_lambda(cache: Path, work: Path, *, target_l0: float, dict_size: int, 
 
 def print_table(results: list[dict]) -> None:
     print()
-    print(f"{'':26s}" + "".join(f"{r['kind'] + (' λ=' + format(r['l1_coeff'], '.3g') if r['kind'] == 'l1' else ' k=' + str(r['k'])):>18s}" for r in results))
+    print(f"{'':26s}" + "".join(f"{r['label'] + (' λ=' + format(r['l1_coeff'], '.3g') if r['kind'] == 'l1' else ' k=' + str(r['k'])):>18s}" for r in results))
     rows = [("FVE base", "fve_base", "{:.3f}"), ("FVE chat", "fve_chat", "{:.3f}"), ("L0", "l0", "{:.1f}"),
-            ("dead fraction", "dead_fraction", "{:.3f}"), ("train seconds", "seconds", "{:.0f}")]
+            ("dead, whole cache", "dead_cache", "{:.3f}"), ("dead, held-out tokens", "dead_fraction", "{:.3f}"),
+            ("dead, training window", "dead_train", "{:.3f}"), ("train seconds", "seconds", "{:.0f}")]
     for label, key, fmt in rows:
         print(f"{label:26s}" + "".join(f"{fmt.format(r[key]):>18s}" for r in results))
     for c in PLANTED_CLASSES + ("overall",):
@@ -79,8 +98,11 @@ def print_table(results: list[dict]) -> None:
         f"{r['confusion']['weakly_shared']['chat_only']:>11d} / {sum(r['confusion']['weakly_shared'].values()):<4d}"
         for r in results))
     print(f"{'weak mean Δnorm':26s}" + "".join(f"{r['mean_delta_norm']['weakly_shared']:>18.3f}" for r in results))
+    print("\ndead fraction over training (step: held-out / training window)")
     for r in results:
-        name = r["kind"] + (f" (λ={r['l1_coeff']:.3g})" if r["kind"] == "l1" else f" (k={r['k']})")
+        print(f"  {r['label']:16s} " + "  ".join(f"{s}: {d:.2f}/{w:.2f}" for s, d, w in r["dead_history"]))
+    for r in results:
+        name = r["label"] + (f" (λ={r['l1_coeff']:.3g})" if r["kind"] == "l1" else f" (k={r['k']})")
         print(f"\nconfusion, {name}: planted class (rows) x Δnorm class of the matched latent (recovered features)")
         print(f"{'':12s}" + "".join(f"{SHORT[c]:>11s}" for c in CLASSES))
         for c in PLANTED_CLASSES:
@@ -121,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic cache: {a.n_tokens:,} tokens, d={cfg.d_model}, planted {cfg.counts} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
-        tc = TrainConfig(tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, val_every=0,
-                         checkpoint_every=0, dead_tokens=a.dead_tokens, progress=False)
+        # validation every ~5% of the run: the dead fraction over training
+        tc = TrainConfig(tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                         val_every=max(1, a.train_tokens // a.batch_size // 20), checkpoint_every=0,
+                         dead_tokens=a.dead_tokens, progress=False)
         lam = a.l1_coeff
         if a.k and a.search:
             short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 3)})
@@ -135,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         k = a.k if a.k else max(1, round(l1["l0"]))
         btk = train_and_score(cache, work / "batchtopk", truth, kind="batchtopk", dict_size=a.dict_size, k=k,
                               l1_coeff=0.0, tc=tc)
-        print(f"batchtopk done: L0 {btk['l0']:.2f} ({btk['seconds']:.0f} s)", flush=True)
-        results = [l1, btk]
+        print(f"batchtopk done: L0 {btk['l0']:.2f}, dead {btk['dead_cache']:.3f} ({btk['seconds']:.0f} s)", flush=True)
+        old = train_and_score(cache, work / "batchtopk-old", truth, kind="batchtopk", dict_size=a.dict_size, k=k,
+                              l1_coeff=0.0, tc=tc, label="batchtopk-old", recipe=OLD_BATCHTOPK)
+        print(f"batchtopk (old recipe) done: L0 {old['l0']:.2f}, dead {old['dead_cache']:.3f} ({old['seconds']:.0f} s)",
+              flush=True)
+        results = [l1, btk, old]
         ideal = class_codes(ideal_delta_norm(truth, ActivationCache(cache).scales()))
 
     print_table(results)

@@ -9,7 +9,7 @@ Each configuration runs with glibc's default malloc and with ``crossdiff_core.al
 (what the trainer does on CPU), each in a fresh process, alternated over ``--rounds`` rounds (best kept),
 so the two columns are measured side by side under the same machine load.
 
-    python bench/train_throughput.py [--steps 5] [--rounds 2] [--quick]
+    python bench/train_throughput.py [--steps 5] [--rounds 2] [--quick] [--products auto|dense|sparse]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def step_rate(kind: str, d: int, F: int, B: int, k: int, dtype: torch.dtype, steps: int,
-              warmup: int = 2) -> tuple[float, float]:
+              warmup: int = 2, products: str = "auto") -> tuple[float, float]:
     """(tokens/s, L0) of full training steps."""
     torch.manual_seed(0)
     cfg = CrossCoderConfig(kind=kind, d_model=d, dict_size=F, k=k, l1_coeff=0.05, init_norm=0.1)
@@ -54,15 +54,17 @@ def step_rate(kind: str, d: int, F: int, B: int, k: int, dtype: torch.dtype, ste
         dead[torch.randperm(F, generator=torch.Generator().manual_seed(1))[: F // 10]] = True
     cd = None if dtype == torch.float32 else dtype
     for _ in range(warmup):
-        out = optimisation_step(model, opt, x, l1_coeff=0.05, dead=dead, grad_clip=1.0, compute_dtype=cd)
+        out = optimisation_step(model, opt, x, l1_coeff=0.05, dead=dead, grad_clip=1.0, compute_dtype=cd,
+                                products=products)
     t = time.perf_counter()
     for _ in range(steps):
-        out = optimisation_step(model, opt, x, l1_coeff=0.05, dead=dead, grad_clip=1.0, compute_dtype=cd)
+        out = optimisation_step(model, opt, x, l1_coeff=0.05, dead=dead, grad_clip=1.0, compute_dtype=cd,
+                                products=products)
     el = time.perf_counter() - t
     return steps * B / el, float(out.l0)
 
 
-def measure(shapes, steps: int, malloc: str) -> dict:
+def measure(shapes, steps: int, malloc: str, products: str = "auto") -> dict:
     """One process's figures: the GEMM limits and, per configuration, tokens/s and L0."""
     if malloc == "keep" and not keep_freed_memory():
         print("keep_freed_memory is not available here (not glibc)", file=sys.stderr)
@@ -76,7 +78,7 @@ def measure(shapes, steps: int, malloc: str) -> dict:
             for dt in (torch.float32, torch.bfloat16):
                 small = slow_bf16 and dt == torch.bfloat16
                 rate, l0 = step_rate(kind, d, F, B // 16 if small else B, k, dt, 1 if small else steps,
-                                     warmup=1 if small else 2)
+                                     warmup=1 if small else 2, products=products)
                 rows.append({"d": d, "F": F, "B": B, "k": k, "kind": kind, "dtype": str(dt).removeprefix("torch."),
                              "rate": rate, "l0": l0})
     # the limit again after the runs: a drifting (loaded) machine shows here
@@ -89,19 +91,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run)")
+    ap.add_argument("--products", default="auto", choices=("auto", "dense", "sparse"),
+                    help="the step's products (crossdiff_core.sparse_step; auto: by code density)")
     ap.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     shapes = [(256, 4096, 2048, 32), (576, 8192, 1024, 64)]
     if args.quick:
         shapes = [(64, 512, 256, 8)]
     if args.child:
-        print(json.dumps(measure(shapes, args.steps, args.child)))
+        print(json.dumps(measure(shapes, args.steps, args.child, args.products)))
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, products {args.products}")
     runs: dict[str, list[dict]] = {"default": [], "keep": []}
     for r in range(args.rounds):
         for malloc in ("default", "keep"):
-            cmd = [sys.executable, __file__, "--child", malloc, "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, __file__, "--child", malloc, "--steps", str(args.steps),
+                   "--products", args.products] + (["--quick"] if args.quick else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[malloc].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}, malloc {malloc}: done", flush=True)

@@ -20,41 +20,42 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
+from .config import from_dict, neutral
+from .cache import ActivationCache
 from .crosscoder import Codes, CrossCoder, firing_counts
-from .fileio import atomic_write, write_json
-from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, decoder_stats
+from .fileio import write_json
+from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, DEAD, decoder_stats
 from .errors import CacheError, ConfigError, CrossdiffError, ModelMismatchError
 from .latent_scaling import (DIRECTIONS, MIN_SHARED_FIRES, NU_ERROR_MAX, NU_RECON_MAX, SHARED_COVERAGE,
                              LatentScaling, compute_nu, data_driven_filter, direction_models, fixed_filter,
                              sparse_codes, use_dense)
+from .report.figures import plot_all
+from .runs import LATENT_COLUMNS, default_summary_path, training_manifest, write_latents
 
-LATENT_COLUMNS = ("latent", "norm_base", "norm_chat", "delta_norm", "cosine", "class", "freq", "max_act",
-                  "template_share", "beta_error_base", "beta_error_chat", "beta_recon_base",
-                  "beta_recon_chat", "nu_error", "nu_recon", "nu_rank")
 DECOUPLING_COSINE = 0.9
 
 
 @dataclass
 class AnalysisConfig:
-    """Settings of :func:`analyze`."""
+    """Settings of :func:`analyze` (params.yaml ``analyze``); :func:`~crossdiff_core.config.neutral`
+    fields leave latents.parquet and the summary unchanged."""
 
-    batch_size: int = 4096
     direction: str = "auto"  # Latent Scaling direction: auto (base row for base-only), chat, base
-    nu_error_max: float = NU_ERROR_MAX
-    nu_recon_max: float = NU_RECON_MAX
+    nu_error_max: float = NU_ERROR_MAX  # fixed filter: chat-specific needs ν_error below this
+    nu_recon_max: float = NU_RECON_MAX  # fixed filter: chat-specific needs ν_recon below this
     coverage: float = SHARED_COVERAGE  # data-driven cut: central interval of the shared latents' ν
     min_shared_fires: int = MIN_SHARED_FIRES  # ... over the shared latents that fired on at least this many tokens
-    decoupling_cosine: float = DECOUPLING_COSINE
+    decoupling_cosine: float = DECOUPLING_COSINE  # decoupling suspects: chat-only/base-only decoder cosine above this
     max_pairs_listed: int = 10_000  # decoupling pairs written into the summary (all are counted)
-    allow_other_cache: bool = False  # skip the check that the cache holds the crosscoder's models
-    device: str = "cpu"
-    progress: bool = True
-    keep_freed_memory: bool = True  # CPU: reuse the freed [batch, F] pages between batches (crossdiff_core.allocator)
+    batch_size: int = neutral(4096)  # tokens per batch of the streaming pass
+    allow_other_cache: bool = neutral(False)  # skip the check that the cache holds the crosscoder's models
+    device: str = neutral("cpu")  # torch device
+    progress: bool = neutral(True)  # progress bar
+    keep_freed_memory: bool = neutral(True)  # CPU: reuse the freed [batch, F] pages between batches (crossdiff_core.allocator)
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -67,6 +68,11 @@ class AnalysisConfig:
             raise ConfigError(f"min_shared_fires must be >= 0, got {self.min_shared_fires}")
         if not -1 <= self.decoupling_cosine <= 1:
             raise ConfigError(f"decoupling_cosine must be in [-1, 1], got {self.decoupling_cosine}")
+
+    @classmethod
+    def from_dict(cls, d: dict, *, section: str = "analyze") -> "AnalysisConfig":
+        """From params.yaml's ``analyze`` section; unknown keys are an error."""
+        return from_dict(cls, d, section=section)
 
 
 # ---- per-latent activation statistics -----------------------------------------------------------
@@ -196,12 +202,7 @@ def check_compatible(model: CrossCoder, cache, *, allow_other_cache: bool = Fals
         return "same cache"
     if allow_other_cache:
         return "allowed"
-    trained = None
-    if cfg.cache:
-        try:
-            trained = json.loads((Path(cfg.cache) / "manifest.json").read_text())
-        except (OSError, ValueError):
-            trained = None
+    trained = training_manifest(cfg)
     here = {"models": cache.manifest.get("models"), "layer": cache.manifest.get("layer")}
     fix = ("analyse it on the cache it was trained on, or pass --allow-other-cache if this cache holds "
            "activations of the same models and layer")
@@ -291,6 +292,12 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
         cof.update(codes)
     seconds = time.perf_counter() - t0
 
+    # a latent that never fired on these tokens is class dead whatever its Δnorm (a dead one keeps its init's
+    # 0.5, which would read as "shared"); it leaves the chat-only set, the pairs and the shared ν interval
+    fired = stats.count > 0
+    cls = torch.where(fired, cls, CLASSES.index(DEAD))
+    live_pair = fired[pi] & fired[pj]
+    pi, pj, pc, cof_both = pi[live_pair], pj[live_pair], pc[live_pair], cof.both[live_pair]
     betas = ls.betas()
     nus = compute_nu(betas, cls)
     act = stats.result(template_known=tmpl is not None)
@@ -315,7 +322,7 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
         "nu_error": np64(nus.nu_error), "nu_recon": np64(nus.nu_recon), "nu_rank": np64(nus.nu_rank),
     }, columns=list(LATENT_COLUMNS))
 
-    n_i, n_j, n_ij = (np64(t) for t in (stats.count[pi], stats.count[pj], cof.both))
+    n_i, n_j, n_ij = (np64(t) for t in (stats.count[pi], stats.count[pj], cof_both))
     with np.errstate(invalid="ignore", divide="ignore"):
         pairs = pd.DataFrame({
             "chat_latent": pi.cpu().numpy(), "base_latent": pj.cpu().numpy(), "cosine": np64(pc),
@@ -386,50 +393,12 @@ def _summary(model, cache, cfg, table, pairs, fixed, cut, dd, chat_only, match, 
     }
 
 
-# ---- files --------------------------------------------------------------------------------------
-
-def write_latents(table: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``latents.parquet`` (DESIGN §2) atomically; ``metadata`` goes into the schema as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([(c, pa.int64() if c == "latent" else pa.string() if c == "class" else pa.float64())
-                        for c in LATENT_COLUMNS])
-    t = pa.Table.from_pandas(table[list(LATENT_COLUMNS)], schema=schema, preserve_index=False)
-    if metadata:
-        t = t.replace_schema_metadata({**(t.schema.metadata or {}), b"crossdiff": json.dumps(metadata).encode()})
-    atomic_write(path, lambda p: pq.write_table(t, p))
-    return path
-
-
-def read_latents(path: str | os.PathLike, model: CrossCoder | None = None,
-                 columns: tuple[str, ...] = ("latent", "class", "delta_norm", "max_act", "nu_rank")) -> pd.DataFrame:
-    """``latents.parquet``, checked: it has ``columns`` (what the evaluations read) and, when ``model`` is
-    given, one row per latent of it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: write it with `crossdiff analyze` for this crosscoder")
-    table = pd.read_parquet(path)
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ConfigError(f"{path} lacks the columns {missing}: it is not a latents table of `crossdiff analyze`")
-    if model is not None and len(table) != model.cfg.dict_size:
-        raise ModelMismatchError(f"{path} describes {len(table)} latents, the crosscoder has {model.cfg.dict_size}: "
-                                 "pass the latents.parquet that `crossdiff analyze` wrote for this crosscoder")
-    return table
-
-
-def default_summary_path(out: str | os.PathLike) -> Path:
-    """``latents.parquet`` -> ``latents.summary.json`` next to it."""
-    out = Path(out)
-    return out.with_name(out.stem + ".summary.json")
-
+# ---- the stage ---------------------------------------------------------------------------------
 
 def run_analysis(crosscoder_dir: str | os.PathLike, cache_dir: str | os.PathLike, out: str | os.PathLike, *,
                  summary_path: str | os.PathLike | None = None, plots_dir: str | os.PathLike | None = None,
                  cfg: AnalysisConfig | None = None) -> AnalysisResult:
     """Load, :func:`analyze`, and write ``latents.parquet``, the summary JSON and (optionally) the PNG plots."""
-    from .cache import ActivationCache
-
     cfg = cfg or AnalysisConfig()
     model = CrossCoder.load(crosscoder_dir, device=cfg.device)
     cache = ActivationCache(cache_dir)
@@ -437,8 +406,6 @@ def run_analysis(crosscoder_dir: str | os.PathLike, cache_dir: str | os.PathLike
     res.summary["crosscoder"]["path"] = str(Path(crosscoder_dir))
     res.summary["settings"] = asdict(cfg)
     if plots_dir is not None:
-        from .plots import plot_all
-
         res.summary["plots"] = [str(p) for p in plot_all(res.table, res.summary, plots_dir)]
     write_latents(res.table, out, metadata={k: res.summary[k] for k in ("crosscoder", "cache", "direction", "settings")})
     write_json(res.summary, summary_path or default_summary_path(out))

@@ -17,17 +17,44 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from crossdiff_core.cache import CacheWriter
+from crossdiff_core.config import from_dict, neutral
 from crossdiff_core.data import Corpus, DataConfig, TokenSequence, build_corpus, corpus_hash
 from crossdiff_core.errors import ConfigError
 from crossdiff_core.models import ModelPair, load_pair, torch_dtype
 
 DEFAULT_SHARD_TOKENS = 65536
+
+
+@dataclass
+class CacheConfig:
+    """How the activation cache is made (params.yaml ``cache``; the data is :class:`DataConfig`).
+    :func:`~crossdiff_core.config.neutral` fields leave the cached activations unchanged."""
+
+    layer: int = 2  # block whose residual output is cached (0-based)
+    model_dtype: str = "float32"  # the models' dtype: float32 or bfloat16
+    dtype: str = "bfloat16"  # stored activations: bfloat16 or float32
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard: the unit of resumption and of slicing
+    batch_size: int = neutral(32)  # sequences per forward pass
+    device: str = neutral("cpu")  # torch device: cpu, cuda, cuda:N or auto
+    progress: bool = neutral(True)  # progress bar
+    slices: int = neutral(1)  # the pipeline: round-robin slices of the shard plan, one flow run each
+    deployment: str | None = neutral(None)  # the pipeline: Prefect deployment running the slices (None: here)
+    overwrite: bool = neutral(False)  # replace a cache written with other settings (its files are deleted first)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.shard_tokens <= 0 or self.slices <= 0:
+            raise ConfigError(f"cache batch_size, shard_tokens and slices must be positive: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict, *, section: str = "cache") -> "CacheConfig":
+        """From params.yaml's ``cache`` section; unknown keys are an error."""
+        return from_dict(cls, d, section=section)
 
 
 @dataclass(frozen=True)
@@ -162,11 +189,12 @@ def compute_shard(pair: ModelPair, seqs: list[TokenSequence], *, batch_size: int
     return base_out, chat_out
 
 
-def cache_activations(pair: ModelPair, corpus: Corpus, out_dir: str | os.PathLike, *, batch_size: int = 8,
-                      shard_tokens: int = DEFAULT_SHARD_TOKENS, cache_dtype: str = "bfloat16",
+def cache_activations(pair: ModelPair, corpus: Corpus, out_dir: str | os.PathLike, *,
+                      batch_size: int = CacheConfig.batch_size, shard_tokens: int = CacheConfig.shard_tokens,
+                      cache_dtype: str = CacheConfig.dtype,
                       progress: bool = True, on_shard: Callable[[int], None] | None = None,
                       metadata: dict[str, Any] | None = None, shards: Sequence[int] | None = None,
-                      finalize: bool = True) -> CacheRun:
+                      finalize: bool = True, overwrite: bool = CacheConfig.overwrite) -> CacheRun:
     """Cache block-`pair.layer` activations of both models on every cached token of `corpus` into `out_dir`.
 
     Resumable: complete shards of an earlier run with the same models, data and settings are kept.
@@ -174,6 +202,9 @@ def cache_activations(pair: ModelPair, corpus: Corpus, out_dir: str | os.PathLik
     `shards`: compute only these shard indices (one slice of a cache split across workers writing into
     the same directory); `finalize=False` leaves tokens.parquet and the manifest to a later run (then
     `manifest` is empty). A run with `shards=[]` and `finalize=True` merges the slices.
+    One writer per cache: a slice (`shards` without `finalize`) runs alongside other slices, anything else
+    alone (`CacheWriter`). A directory holding a cache made with other settings is refused, naming them,
+    unless `overwrite` (whole runs only), which deletes its cache files first.
     """
     from tqdm.auto import tqdm
 
@@ -189,14 +220,19 @@ def cache_activations(pair: ModelPair, corpus: Corpus, out_dir: str | os.PathLik
     pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
     out_dtype = torch_dtype(cache_dtype)
     run = CacheRun(manifest={})
-    with CacheWriter(out_dir, d_model=pair.d_model, layer=pair.layer, dtype=cache_dtype, metadata=meta) as writer:
-        n_plans = len(plans)
-        if shards is not None:
-            wanted = {int(i) for i in shards}
-            if not wanted <= set(range(n_plans)):
-                raise ConfigError(f"shard indices {sorted(wanted - set(range(n_plans)))} are outside the plan's "
-                                  f"{n_plans} shards: slice with `shard_slice(n_shards, i, n)`")
-            plans = [p for p in plans if p.index in wanted]
+    n_plans = len(plans)
+    if shards is not None:
+        wanted = {int(i) for i in shards}
+        if not wanted <= set(range(n_plans)):
+            raise ConfigError(f"shard indices {sorted(wanted - set(range(n_plans)))} are outside the plan's "
+                              f"{n_plans} shards: slice with `shard_slice(n_shards, i, n)`")
+        if overwrite:
+            raise ConfigError("overwrite applies to a whole caching run, not to a slice or a merge: overwrite "
+                              "with one whole run, or empty the directory before the slices start")
+        plans = [p for p in plans if p.index in wanted]
+    writer_shards = None if shards is None or finalize else sorted(wanted)  # a slice shares the directory
+    with CacheWriter(out_dir, d_model=pair.d_model, layer=pair.layer, dtype=cache_dtype, metadata=meta,
+                     shards=writer_shards, overwrite=overwrite) as writer:
         done = [writer.is_complete(p.index) for p in plans]
         total = sum(p.rows for p in plans)
         skipped_rows = sum(p.rows for p, d in zip(plans, done) if d)
@@ -225,11 +261,42 @@ def cache_activations(pair: ModelPair, corpus: Corpus, out_dir: str | os.PathLik
 
 
 def run_cache(base: str, chat: str, out_dir: str | os.PathLike, data: DataConfig, *, layer: int,
-              dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
-              shard_tokens: int = DEFAULT_SHARD_TOKENS, cache_dtype: str = "bfloat16",
-              progress: bool = True) -> CacheRun:
-    """Load and check the pair, build the corpus, cache: what `crossdiff cache` and the cache task run."""
-    pair = load_pair(base, chat, layer=layer, dtype=dtype, device=device)
+              dtype: str = CacheConfig.model_dtype, device: str = CacheConfig.device,
+              batch_size: int = CacheConfig.batch_size, shard_tokens: int = CacheConfig.shard_tokens,
+              cache_dtype: str = CacheConfig.dtype, progress: bool = True, base_revision: str | None = None, chat_revision: str | None = None,
+              part: Literal["all", "merge"] | tuple[int, int] = "all", overwrite: bool = CacheConfig.overwrite) -> CacheRun:
+    """Load and check the pair, build the corpus, cache: what `crossdiff cache` and the cache tasks run.
+
+    `part` is how much of the cache this run makes: "all" every shard, then tokens.parquet and the
+    manifest; `(index, n_slices)` only that round-robin slice of the shard plan (`shard_slice`), with no
+    manifest, so slices can run at once on workers sharing `out_dir`; "merge" no shard, only tokens.parquet
+    and the manifest once every slice is done (else a CacheError names the missing shards). The pair is
+    loaded for a merge too: its metadata fingerprints the shards that may be merged.
+    `overwrite` (with part="all" only): replace a cache written with other settings (`cache_activations`).
+    """
+    _check_part(part)
+    if overwrite and part != "all":
+        raise ConfigError(f"overwrite applies to a whole caching run (part='all'), not part={part!r}: overwrite "
+                          "with one whole run, or empty the directory before the slices start")
+    pair = load_pair(base, chat, layer=layer, dtype=dtype, device=device, base_revision=base_revision,
+                     chat_revision=chat_revision)
     corpus = build_corpus(pair.tokenizer, data)
+    shards: list[int] | None = None
+    if part == "merge":
+        shards = []
+    elif part != "all":
+        shards = shard_slice(len(plan_shards([s.n_cached for s in corpus.sequences], shard_tokens)), *part)
     return cache_activations(pair, corpus, out_dir, batch_size=batch_size, shard_tokens=shard_tokens,
-                             cache_dtype=cache_dtype, progress=progress)
+                             cache_dtype=cache_dtype, progress=progress, shards=shards,
+                             finalize=part in ("all", "merge"), overwrite=overwrite)
+
+
+def _check_part(part: object) -> None:
+    """Fail before any model loads on a `part` that `run_cache` cannot run."""
+    if isinstance(part, str) and part in ("all", "merge"):
+        return
+    if (isinstance(part, tuple) and len(part) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in part)):
+        shard_slice(0, *part)  # checks 0 <= index < n_slices
+        return
+    raise ConfigError(f"part must be 'all', 'merge' or (index, n_slices), got {part!r}: pass one of those")

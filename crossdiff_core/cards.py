@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .cache import TOKENS
+from .cache import TOKENS, ActivationCache
+from .config import from_dict, neutral
 from .crosscoder import CrossCoder
 from .decoder_norms import CHAT_ONLY, SHARED
 from .errors import CacheError, ConfigError
+from .runs import read_latents
 
 STAT_COLUMNS = ("class", "delta_norm", "cosine", "norm_base", "norm_chat", "freq", "max_act", "template_share",
                 "nu_error", "nu_recon", "nu_rank")
@@ -34,22 +36,27 @@ STAT_COLUMNS = ("class", "delta_norm", "cosine", "norm_base", "norm_chat", "freq
 
 @dataclass
 class CardsConfig:
-    """Settings of :func:`latent_cards`."""
+    """Settings of :func:`latent_cards` (params.yaml ``report.cards``, ``crossdiff cards``)."""
 
     n_contexts: int = 8  # top-activating contexts per latent
     before: int = 24  # tokens of context before the top token
     after: int = 6  # and after it
     bins: int = 20  # histogram bins over (0, max_act]
     n_shared: int = 16  # shared latents sampled for comparison
-    max_chat_only: int | None = None  # cap on chat-only cards (most chat-specific by ν rank first)
-    batch_size: int = 4096
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    max_chat_only: int | None = None  # cap on chat-only cards (most chat-specific by ν rank first); None: all
+    seed: int = 0  # the shared sample
+    batch_size: int = neutral(4096)  # cache rows per batch
+    device: str = neutral("cpu")  # torch device
+    progress: bool = neutral(True)  # progress bar
 
     def __post_init__(self) -> None:
         if min(self.n_contexts, self.bins, self.batch_size) <= 0 or min(self.before, self.after, self.n_shared) < 0:
             raise ConfigError(f"card settings must be positive (before/after/n_shared >= 0): {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict, *, section: str = "report.cards") -> "CardsConfig":
+        """From params.yaml's ``report.cards`` section; unknown keys are an error."""
+        return from_dict(cls, d, section=section)
 
 
 def card_latents(table: pd.DataFrame, *, n_shared: int = 16, seed: int = 0, max_chat_only: int | None = None) -> np.ndarray:
@@ -238,9 +245,6 @@ def cards_for(crosscoder: str | os.PathLike, latents: str | os.PathLike, cache_d
     """:func:`latent_cards` of :func:`card_latents` for a crosscoder directory, its ``latents.parquet`` and
     an activation cache; the tokenizer defaults to the chat model the cache records."""
     from transformers import AutoTokenizer
-
-    from .analysis import read_latents
-    from .cache import ActivationCache
 
     cfg = cfg or CardsConfig()
     cc = CrossCoder.load(crosscoder, device=cfg.device)

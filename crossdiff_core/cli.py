@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import typer
 
+from .analysis import AnalysisConfig
+from .caching import CacheConfig
+from .cards import CardsConfig
+from .config import defaults
+from .crosscoder import CrossCoderSettings
+from .data import DataConfig
+from .kl_eval import EvaluateConfig
+from .report.page import TITLE
+from .steering import SteerConfig
+from .trainer import TrainConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="crossdiff: diff a base and a fine-tuned model with crosscoders.")
 
-# --- commands (each helper adds its own below; keep imports inside the functions so `--help` is fast) ---
+# every option's default is its config dataclass's (stated once, there); the settings dataclasses are
+# imported above for that, the work each command does is imported inside it
+TRAIN, CROSSCODER, ANALYZE = defaults(TrainConfig), defaults(CrossCoderSettings), defaults(AnalysisConfig)
+DATA, CACHE, EVALUATE = defaults(DataConfig), defaults(CacheConfig), defaults(EvaluateConfig)
+STEER, CARDS = defaults(SteerConfig), defaults(CardsConfig)
+
+# --- commands (each helper adds its own below) ---
 
 
 def _fail(err: Exception) -> None:
@@ -20,19 +37,20 @@ def train(
     cache: str = typer.Option(..., help="activation cache directory (DESIGN §2)"),
     out: str = typer.Option(..., help="output crosscoder directory (resumes from its checkpoint if present)"),
     kind: str = typer.Option(..., help="l1 or batchtopk"),
-    dict_size: int = typer.Option(..., help="number of latents F"),
-    k: int = typer.Option(None, help="BatchTopK: mean active latents per token"),
-    l1_coeff: float = typer.Option(0.0, help="L1: sparsity coefficient λ (warmed up over the first 5% of steps)"),
-    tokens: int = typer.Option(..., help="training tokens (epochs over the cache as needed)"),
-    batch_size: int = typer.Option(2048, help="tokens per step"),
-    lr: float = typer.Option(1e-4, help="peak learning rate (linear warm-up, linear decay)"),
-    seed: int = typer.Option(0, help="seed for init and data order"),
-    dtype: str = typer.Option("float32", help="compute dtype: float32 or bfloat16"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda"),
-    val_tokens: int = typer.Option(8192, help="tokens held out from the end of the cache for validation"),
-    val_every: int = typer.Option(250, help="validate every N steps"),
-    checkpoint_every: int = typer.Option(500, help="checkpoint every N steps"),
-    init_norm: float = typer.Option(None, help="decoder row norm at init (default 0.05)"),
+    dict_size: int = typer.Option(CROSSCODER["dict_size"], help="number of latents F"),
+    k: int = typer.Option(CROSSCODER["k"], help="BatchTopK: mean active latents per token"),
+    l1_coeff: float = typer.Option(CROSSCODER["l1_coeff"], help="L1: sparsity coefficient λ (warmed up over the first 5% of steps)"),
+    tokens: int = typer.Option(TRAIN["tokens"], help="training tokens (epochs over the cache as needed)"),
+    batch_size: int = typer.Option(TRAIN["batch_size"], help="tokens per step"),
+    lr: float = typer.Option(TRAIN["lr"], help="peak learning rate (linear warm-up, linear decay)"),
+    seed: int = typer.Option(TRAIN["seed"], help="seed for init and data order"),
+    dtype: str = typer.Option(TRAIN["dtype"], help="compute dtype: float32 or bfloat16"),
+    device: str = typer.Option(TRAIN["device"], help="torch device, e.g. cuda"),
+    val_tokens: int = typer.Option(TRAIN["val_tokens"], help="tokens held out from the end of the cache for validation"),
+    val_every: int = typer.Option(TRAIN["val_every"], help="validate every N steps"),
+    checkpoint_every: int = typer.Option(TRAIN["checkpoint_every"], help="checkpoint every N steps"),
+    dead_tokens: int = typer.Option(TRAIN["dead_tokens"], help="a latent unfired for this many tokens is dead (AuxK)"),
+    init_norm: float = typer.Option(CROSSCODER["init_norm"], help="decoder row norm at init (default: per kind, L1 0.05, BatchTopK 1.0)"),
     metrics: str = typer.Option(None, help="also write the metrics JSON here (default OUT/metrics.json)"),
 ) -> None:
     """Train an L1 or BatchTopK crosscoder on an activation cache."""
@@ -41,14 +59,14 @@ def train(
     from pathlib import Path
 
     from .errors import CrossdiffError
-    from .trainer import TrainConfig, train_crosscoder
+    from .trainer import train_crosscoder
 
     try:
-        tc = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype, device=device,
-                         val_tokens=val_tokens, val_every=val_every, checkpoint_every=checkpoint_every)
-        overrides = {} if init_norm is None else {"init_norm": init_norm}
-        result = train_crosscoder(cache, out, kind=kind, dict_size=dict_size, k=k, l1_coeff=l1_coeff, train=tc,
-                                  model_overrides=overrides)
+        cc = CrossCoderSettings(dict_size=dict_size, k=k, l1_coeff=l1_coeff, init_norm=init_norm)
+        tc = TrainConfig(crosscoder=cc, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype,
+                         device=device, val_tokens=val_tokens, val_every=val_every, checkpoint_every=checkpoint_every,
+                         dead_tokens=dead_tokens)
+        result = train_crosscoder(cache, out, kind=kind, train=tc)
     except CrossdiffError as err:
         _fail(err)
     if metrics:
@@ -64,15 +82,15 @@ def analyze(
     out: str = typer.Option(..., help="output latents.parquet (DESIGN §2)"),
     summary: str = typer.Option(None, help="summary JSON (default: OUT with .summary.json)"),
     plots: str = typer.Option(None, help="write the PNG plots into this directory"),
-    batch_size: int = typer.Option(4096, help="tokens per batch of the streaming pass"),
-    direction: str = typer.Option("auto", help="Latent Scaling direction: auto (base row for base-only latents), chat, base"),
-    nu_error_max: float = typer.Option(0.2, help="fixed filter: chat-specific needs nu_error below this"),
-    nu_recon_max: float = typer.Option(0.5, help="fixed filter: chat-specific needs nu_recon below this"),
-    coverage: float = typer.Option(0.95, help="data-driven filter: central interval of the shared latents' nu"),
-    min_shared_fires: int = typer.Option(100, help="data-driven filter: only shared latents firing on at least this many tokens"),
-    decoupling_cosine: float = typer.Option(0.9, help="decoupling suspects: chat-only/base-only decoder cosine above this"),
-    allow_other_cache: bool = typer.Option(False, help="analyse on a cache other than the training one without checking its models"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda"),
+    batch_size: int = typer.Option(ANALYZE["batch_size"], help="tokens per batch of the streaming pass"),
+    direction: str = typer.Option(ANALYZE["direction"], help="Latent Scaling direction: auto (base row for base-only latents), chat, base"),
+    nu_error_max: float = typer.Option(ANALYZE["nu_error_max"], help="fixed filter: chat-specific needs nu_error below this"),
+    nu_recon_max: float = typer.Option(ANALYZE["nu_recon_max"], help="fixed filter: chat-specific needs nu_recon below this"),
+    coverage: float = typer.Option(ANALYZE["coverage"], help="data-driven filter: central interval of the shared latents' nu"),
+    min_shared_fires: int = typer.Option(ANALYZE["min_shared_fires"], help="data-driven filter: only shared latents firing on at least this many tokens"),
+    decoupling_cosine: float = typer.Option(ANALYZE["decoupling_cosine"], help="decoupling suspects: chat-only/base-only decoder cosine above this"),
+    allow_other_cache: bool = typer.Option(ANALYZE["allow_other_cache"], help="analyse on a cache other than the training one without checking its models"),
+    device: str = typer.Option(ANALYZE["device"], help="torch device, e.g. cuda"),
 ) -> None:
     """Per-latent decoder statistics, Latent Scaling (β, ν), filters and decoupling suspects."""
     import json
@@ -80,7 +98,8 @@ def analyze(
     from .errors import CrossdiffError
 
     try:
-        from .analysis import AnalysisConfig, default_summary_path, run_analysis
+        from .analysis import run_analysis
+        from .runs import default_summary_path
 
         cfg = AnalysisConfig(batch_size=batch_size, direction=direction, nu_error_max=nu_error_max,
                              nu_recon_max=nu_recon_max, coverage=coverage, min_shared_fires=min_shared_fires,
@@ -104,17 +123,18 @@ def cache(
     out: str = typer.Option(..., help="cache directory (DESIGN §2); a re-run resumes it"),
     text: list[str] = typer.Option(None, help="text data (a `text` column): .parquet/.jsonl file or datasets name; repeatable"),
     chats: list[str] = typer.Option(None, help="chat data (a `messages` column); repeatable"),
-    tokens: int = typer.Option(None, help="tokens to cache (default: all the data)"),
-    max_length: int = typer.Option(1024, help="tokens per sequence, BOS included"),
-    dtype: str = typer.Option("bfloat16", help="model dtype: bfloat16 or float32"),
-    cache_dtype: str = typer.Option("bfloat16", help="stored activation dtype: bfloat16 or float32"),
-    device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:N or auto"),
-    batch_size: int = typer.Option(8, help="sequences per forward pass"),
-    text_fraction: float = typer.Option(0.5, help="share of the tokens from text when both kinds are given"),
-    seed: int = typer.Option(0, help="seed for the data order"),
-    split: str = typer.Option("train", help="dataset split for datasets names"),
-    shard_tokens: int = typer.Option(65536, help="tokens per shard (the unit of resumption)"),
-    progress: bool = typer.Option(True, help="show a progress bar with tokens/s"),
+    tokens: int = typer.Option(DATA["n_tokens"], help="tokens to cache (default: all the data)"),
+    max_length: int = typer.Option(DATA["max_length"], help="tokens per sequence, BOS included"),
+    dtype: str = typer.Option(CACHE["model_dtype"], help="model dtype: bfloat16 or float32"),
+    cache_dtype: str = typer.Option(CACHE["dtype"], help="stored activation dtype: bfloat16 or float32"),
+    device: str = typer.Option(CACHE["device"], help="torch device: cpu, cuda, cuda:N or auto"),
+    batch_size: int = typer.Option(CACHE["batch_size"], help="sequences per forward pass"),
+    text_fraction: float = typer.Option(DATA["text_fraction"], help="share of the tokens from text when both kinds are given"),
+    seed: int = typer.Option(DATA["seed"], help="seed for the data order"),
+    split: str = typer.Option(DATA["split"], help="dataset split for datasets names"),
+    shard_tokens: int = typer.Option(CACHE["shard_tokens"], help="tokens per shard (the unit of resumption)"),
+    progress: bool = typer.Option(CACHE["progress"], help="show a progress bar with tokens/s"),
+    overwrite: bool = typer.Option(CACHE["overwrite"], help="replace a cache in --out made with other settings (its cache files are deleted first); without it such a run is refused"),
 ) -> None:
     """Cache block-L residual activations of a base and a chat model on text and chat data."""
     import json
@@ -123,12 +143,11 @@ def cache(
 
     try:
         from .caching import run_cache
-        from .data import DataConfig
 
         data = DataConfig(text=text or [], chats=chats or [], n_tokens=tokens, max_length=max_length,
                           text_fraction=text_fraction, seed=seed, split=split)
         run = run_cache(base, chat, out, data, layer=layer, dtype=dtype, device=device, batch_size=batch_size,
-                        shard_tokens=shard_tokens, cache_dtype=cache_dtype, progress=progress)
+                        shard_tokens=shard_tokens, cache_dtype=cache_dtype, progress=progress, overwrite=overwrite)
     except CrossdiffError as err:
         _fail(err)
     typer.echo(json.dumps({"out": out, "n_tokens": run.manifest["n_tokens"], "shards": len(run.manifest["shards"]),
@@ -219,7 +238,7 @@ def toy_models(
     import yaml
 
     from .errors import ConfigError
-    from .toy_models import ToyModelsConfig, build_toy_models
+    from .toy import ToyModelsConfig, build_toy_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings: dict = {}
@@ -250,8 +269,9 @@ def toy_models(
 def cache_info(
     cache: str = typer.Option(..., help="activation cache directory (DESIGN §2)"),
     verify: bool = typer.Option(True, help="check every shard's sha256 against the manifest"),
+    check_values: bool = typer.Option(True, help="read every activation and refuse NaN/inf (exit code 2 naming the shards)"),
 ) -> None:
-    """Summarise an activation cache (size, dtype, scales, tokens) and verify its shard checksums."""
+    """Summarise an activation cache (size, dtype, scales, tokens); verify its checksums and that its values are finite."""
     import json
 
     from .errors import CrossdiffError
@@ -259,7 +279,7 @@ def cache_info(
     try:
         from .cache import cache_summary
 
-        summary = cache_summary(cache, verify=verify)
+        summary = cache_summary(cache, verify=verify, check_values=check_values)
     except CrossdiffError as err:
         _fail(err)
     typer.echo(json.dumps(summary, indent=2))
@@ -274,15 +294,16 @@ def evaluate(
     base: str = typer.Option(None, help="base model (default: the one the crosscoder's training cache records)"),
     chat: str = typer.Option(None, help="chat model (default: from the training cache)"),
     layer: int = typer.Option(None, help="block L (default: from the training cache)"),
-    tokens: int = typer.Option(20000, help="conversation tokens to evaluate on"),
-    max_length: int = typer.Option(1024, help="tokens per conversation, BOS included"),
-    split: str = typer.Option("train", help="dataset split for datasets names"),
-    n_random: int = typer.Option(5, help="random sets of chat-only latents (the spread)"),
-    seed: int = typer.Option(0, help="seed for the conversation order and the random sets"),
-    batch_size: int = typer.Option(8, help="conversations per batch"),
-    dtype: str = typer.Option("float32", help="model dtype: float32 or bfloat16"),
-    device: str = typer.Option("cpu", help="torch device: cpu, cuda or auto"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    tokens: int = typer.Option(EVALUATE["tokens"], help="conversation tokens to evaluate on"),
+    max_length: int = typer.Option(EVALUATE["max_length"], help="tokens per conversation, BOS included"),
+    split: str = typer.Option(EVALUATE["split"], help="dataset split for datasets names"),
+    messages_column: str = typer.Option(EVALUATE["messages_column"], help="the chats' {role, content} list column"),
+    n_random: int = typer.Option(EVALUATE["n_random"], help="random sets of chat-only latents (the spread)"),
+    seed: int = typer.Option(EVALUATE["seed"], help="seed for the conversation order and the random sets"),
+    batch_size: int = typer.Option(EVALUATE["batch_size"], help="conversations per batch"),
+    dtype: str = typer.Option(EVALUATE["dtype"], help="model dtype: float32 or bfloat16"),
+    device: str = typer.Option(EVALUATE["device"], help="torch device: cpu, cuda or auto"),
+    progress: bool = typer.Option(EVALUATE["progress"], help="show a progress bar"),
 ) -> None:
     """KL-gap patching: how much of the chat model's behaviour each set of latents carries."""
     import json
@@ -290,14 +311,13 @@ def evaluate(
     from .errors import CrossdiffError
 
     try:
-        from .data import DataConfig
         from .fileio import write_json
-        from .kl_eval import KLConfig, evaluate_crosscoder
+        from .kl_eval import evaluate_crosscoder
 
-        data = DataConfig(chats=list(chats), n_tokens=tokens, max_length=max_length, seed=seed, split=split)
-        d = evaluate_crosscoder(crosscoder, latents, data, n_random=n_random, seed=seed,
-                                cfg=KLConfig(batch_size=batch_size, progress=progress), dtype=dtype, device=device,
-                                base=base, chat=chat, layer=layer)
+        cfg = EvaluateConfig(chats=list(chats), messages_column=messages_column, split=split, tokens=tokens,
+                             max_length=max_length, n_random=n_random, seed=seed, batch_size=batch_size, dtype=dtype,
+                             device=device, progress=progress)
+        d = evaluate_crosscoder(crosscoder, latents, cfg, base=base, chat=chat, layer=layer)
         write_json(d, out)
     except CrossdiffError as err:
         _fail(err)
@@ -313,21 +333,21 @@ def steer(
     ground_truth: str = typer.Option(None, help="planted-behaviour ground truth (default pair): its prompts, rates and tracking"),
     prompts: str = typer.Option(None, help="prompt file (.txt lines, or .jsonl/.json with `text`); default: the ground truth's"),
     latent: list[int] = typer.Option(None, help="latents to steer (repeatable); default: chosen by ν rank, tracking and a shared sample"),
-    alphas: str = typer.Option("-0.5,0.5,1,1.5", help="comma-separated steering coefficients a"),
-    n_top: int = typer.Option(8, help="default choice: most chat-specific chat-only latents (ν rank)"),
-    n_tracking: int = typer.Option(4, help="default choice: chat-only latents tracking each planted behaviour best"),
-    n_shared: int = typer.Option(2, help="default choice: random shared latents (controls)"),
-    max_prompts: int = typer.Option(None, help="use at most this many prompts (each behaviour keeps its share)"),
-    max_new_tokens: int = typer.Option(20, help="tokens generated per answer"),
+    alphas: str = typer.Option(",".join(f"{a:g}" for a in STEER["alphas"]), help="comma-separated steering coefficients a"),
+    n_top: int = typer.Option(STEER["n_top"], help="default choice: most chat-specific chat-only latents (ν rank)"),
+    n_tracking: int = typer.Option(STEER["n_tracking"], help="default choice: chat-only latents tracking each planted behaviour best"),
+    n_shared: int = typer.Option(STEER["n_shared"], help="default choice: random shared latents (controls)"),
+    max_prompts: int = typer.Option(STEER["max_prompts"], help="use at most this many prompts (each behaviour keeps its share); 0: all"),
+    max_new_tokens: int = typer.Option(STEER["max_new_tokens"], help="tokens generated per answer"),
     tracking: str = typer.Option(None, help="behaviour-tracking table output (default: OUT with .tracking.parquet)"),
     base: str = typer.Option(None, help="base model (default: from the crosscoder's training cache)"),
     chat: str = typer.Option(None, help="chat model (default: from the training cache)"),
     layer: int = typer.Option(None, help="block L (default: from the training cache)"),
-    batch_size: int = typer.Option(64, help="prompts per generation batch"),
-    seed: int = typer.Option(0, help="seed for prompt subsampling and the shared sample"),
-    dtype: str = typer.Option("float32", help="model dtype"),
-    device: str = typer.Option("cpu", help="torch device: cpu, cuda or auto"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    batch_size: int = typer.Option(STEER["batch_size"], help="prompts per generation batch"),
+    seed: int = typer.Option(STEER["seed"], help="seed for prompt subsampling and the shared sample"),
+    dtype: str = typer.Option(STEER["dtype"], help="model dtype"),
+    device: str = typer.Option(STEER["device"], help="torch device: cpu, cuda or auto"),
+    progress: bool = typer.Option(STEER["progress"], help="show a progress bar"),
 ) -> None:
     """Steer base and chat model with latents (a · max_act · d_chat at layer L) and record what changes."""
     import json
@@ -337,7 +357,8 @@ def steer(
 
     try:
         from .fileio import atomic_write, write_json
-        from .steering import SteerConfig, headline, read_prompts, steer_crosscoder
+        from .headlines import steering_headline
+        from .steering import steer_crosscoder
 
         try:
             sweep = tuple(float(a) for a in alphas.split(",") if a.strip())
@@ -345,11 +366,11 @@ def steer(
             raise ConfigError(f"--alphas must be comma-separated numbers, got {alphas!r}") from exc
         if not prompts and not ground_truth:
             raise ConfigError("no prompts: pass --prompts FILE or --ground-truth")
-        cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-        res, track = steer_crosscoder(crosscoder, latents, prompts=read_prompts(prompts) if prompts else None,
-                                      ground_truth=ground_truth, steer_latents=latent or None, n_top=n_top,
-                                      n_tracking=n_tracking, n_shared=n_shared, max_prompts=max_prompts, seed=seed,
-                                      cfg=cfg, dtype=dtype, device=device, base=base, chat=chat, layer=layer)
+        cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, prompts=prompts, latents=latent or None,
+                          n_top=n_top, n_tracking=n_tracking, n_shared=n_shared, max_prompts=max_prompts or None,
+                          seed=seed, dtype=dtype, batch_size=batch_size, device=device, progress=progress)
+        res, track = steer_crosscoder(crosscoder, latents, ground_truth=ground_truth, cfg=cfg, base=base, chat=chat,
+                                      layer=layer)
         res["inputs"]["prompts"] = prompts
         if track is not None:
             tpath = Path(tracking) if tracking else Path(out).with_suffix(".tracking.parquet")
@@ -357,7 +378,7 @@ def steer(
         write_json(res, out)
     except CrossdiffError as err:
         _fail(err)
-    typer.echo(json.dumps(headline(res) | {"steered": [lat["latent"] for lat in res["latents"]], "alphas": list(sweep)},
+    typer.echo(json.dumps(steering_headline(res) | {"steered": [lat["latent"] for lat in res["latents"]], "alphas": list(sweep)},
                           indent=1))
 
 
@@ -370,15 +391,15 @@ def cards(
     steering: str = typer.Option(None, help="steering results (crossdiff steer) to attach"),
     tracking: str = typer.Option(None, help="behaviour-tracking table (crossdiff steer) to attach"),
     tokenizer: str = typer.Option(None, help="tokenizer directory (default: the chat model the cache records)"),
-    n_contexts: int = typer.Option(8, help="top-activating contexts per latent"),
-    before: int = typer.Option(24, help="context tokens before the top token"),
-    after: int = typer.Option(6, help="context tokens after it"),
-    n_shared: int = typer.Option(16, help="shared latents sampled for comparison"),
-    max_chat_only: int = typer.Option(None, help="at most this many chat-only latents (most chat-specific first)"),
-    batch_size: int = typer.Option(4096, help="cache rows per batch"),
-    seed: int = typer.Option(0, help="seed of the shared sample"),
-    device: str = typer.Option("cpu", help="torch device"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    n_contexts: int = typer.Option(CARDS["n_contexts"], help="top-activating contexts per latent"),
+    before: int = typer.Option(CARDS["before"], help="context tokens before the top token"),
+    after: int = typer.Option(CARDS["after"], help="context tokens after it"),
+    n_shared: int = typer.Option(CARDS["n_shared"], help="shared latents sampled for comparison"),
+    max_chat_only: int = typer.Option(CARDS["max_chat_only"], help="at most this many chat-only latents (most chat-specific first; default: all)"),
+    batch_size: int = typer.Option(CARDS["batch_size"], help="cache rows per batch"),
+    seed: int = typer.Option(CARDS["seed"], help="seed of the shared sample"),
+    device: str = typer.Option(CARDS["device"], help="torch device"),
+    progress: bool = typer.Option(CARDS["progress"], help="show a progress bar"),
 ) -> None:
     """Latent cards: top contexts with per-token activations, histogram and statistics per latent."""
     import json
@@ -388,7 +409,7 @@ def cards(
     try:
         import pandas as pd
 
-        from .cards import CardsConfig, cards_for
+        from .cards import cards_for
         from .fileio import write_json
 
         cfg = CardsConfig(n_contexts=n_contexts, before=before, after=after, n_shared=n_shared,
@@ -424,7 +445,7 @@ def report(
     tracking: list[str] = typer.Option(None, help="NAME=tracking.parquet (crossdiff steer)"),
     crosscoder: list[str] = typer.Option(None, help="NAME=crosscoder directory (for its training metrics)"),
     ground_truth: str = typer.Option(None, help="planted-behaviour ground truth of the default pair"),
-    title: str = typer.Option("crossdiff report", help="page title"),
+    title: str = typer.Option(TITLE, help="page title"),
 ) -> None:
     """One self-contained HTML page comparing crosscoders, plus PNG figures and JSON numbers."""
     import json
@@ -445,7 +466,7 @@ def report(
                 for name, path in named["latents"].items()]
         gt = None
         if ground_truth:
-            from .toy_models import load_ground_truth
+            from .ground_truth import load_ground_truth
 
             gt = load_ground_truth(ground_truth)
         paths = build_report(runs, out, title=title, ground_truth=gt)
@@ -455,6 +476,101 @@ def report(
     typer.echo(json.dumps({"html": str(paths["html"]), "json": str(paths["json"]),
                            "refusal_steering": {k: (v.get("refusal_steering") or {}).get("text")
                                                 for k, v in numbers["runs"].items()}}, indent=1))
+
+
+@app.command()
+def locate(
+    base: str = typer.Option(..., help="base model: local directory or cached hub id"),
+    chat: str = typer.Option(..., help="chat model fine-tuned from it (its chat template formats the data)"),
+    out: str = typer.Option(..., help="output JSON: per-layer KL, recommended layer and its rule"),
+    chats: list[str] = typer.Option(None, help="chat data (a `messages` column): .parquet/.jsonl file or datasets name; repeatable"),
+    behaviours: str = typer.Option(None, help="behaviour prompts: a toy pair's ground_truth.json, or .jsonl/.json of {text, expected}"),
+    plot: str = typer.Option(None, help="PNG plot of KL per layer (default: OUT with .png)"),
+    tokens: int = typer.Option(None, help="chat tokens to evaluate (default: LocateConfig.n_tokens)"),
+    max_length: int = typer.Option(None, help="tokens per conversation, BOS included (default: LocateConfig.max_length)"),
+    batch_size: int = typer.Option(None, help="conversations per batch (default: LocateConfig.batch_size)"),
+    dtype: str = typer.Option(None, help="model dtype: float32 or bfloat16 (default: LocateConfig.dtype)"),
+    device: str = typer.Option(None, help="torch device: cpu, cuda, cuda:N or auto (default: LocateConfig.device)"),
+    seed: int = typer.Option(None, help="seed of the conversation order (default: LocateConfig.seed)"),
+    split: str = typer.Option(None, help="dataset split for datasets names (default: LocateConfig.split)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Where does the fine-tune's change live? Patch the base model's block-L output into the chat model for every L."""
+    import json
+
+    from .errors import CrossdiffError
+
+    try:
+        from .locate import LocateConfig, locate as run_locate, write_locate
+
+        given = {"n_tokens": tokens, "max_length": max_length, "batch_size": batch_size, "dtype": dtype,
+                 "device": device, "seed": seed, "split": split}
+        cfg = LocateConfig.from_dict({k: v for k, v in given.items() if v is not None} | {"progress": progress})
+        res = run_locate(base, chat, chats=chats or None, behaviours=behaviours, cfg=cfg)
+        json_path, png = write_locate(res, out, plot)
+    except CrossdiffError as err:
+        _fail(err)
+    typer.echo(json.dumps({"recommended_layer": res["recommended_layer"], "rule": res["rule"],
+                           "kl_first9": [r["kl_first9"] for r in res["per_layer"]], "out": str(json_path),
+                           "plot": str(png)}, indent=1))
+
+
+@app.command()
+def lens(
+    base: str = typer.Option(..., help="base model: local directory or cached hub id"),
+    chat: str = typer.Option(..., help="chat model fine-tuned from it (its chat template renders the chat prompts)"),
+    out: str = typer.Option(..., help="output JSON: per layer and source ‖δ‖, top/bottom tokens, steering; δ beside it as .safetensors"),
+    text: list[str] = typer.Option(None, help="plain text data (a `text` column): .parquet/.jsonl file or datasets name; repeatable"),
+    chats: list[str] = typer.Option(None, help="chat data (a `messages` column): its first user turns are the chat prompts; repeatable"),
+    prompts: str = typer.Option(None, help="steering prompts: .txt lines, or .jsonl/.json of {text, expected}"),
+    behaviours: str = typer.Option(None, help="behaviour ground truth (ground_truth.json: its prompts and behaviour rates) or a prompt file"),
+    layer: int = typer.Option(None, help="steering block (default: --locate's recommended_layer, else the middle block)"),
+    locate: str = typer.Option(None, help="a `crossdiff locate` JSON: its recommended_layer is the steering block"),
+    n_positions: int = typer.Option(None, help="window tokens per sequence, BOS excluded (default: DiffLensConfig.n_positions)"),
+    chat_window: str = typer.Option(None, help="chat prompts' window: answer_start or first (default: DiffLensConfig.chat_window)"),
+    n_sequences: int = typer.Option(None, help="at most this many documents / chat prompts per source (default: DiffLensConfig.n_sequences)"),
+    top_k: int = typer.Option(None, help="tokens per logit-lens reading, top and bottom (default: DiffLensConfig.top_k)"),
+    alphas: str = typer.Option(None, help="comma-separated steering coefficients a, in mean residual norms (default: DiffLensConfig.alphas)"),
+    max_prompts: int = typer.Option(None, help="at most this many steering prompts; 0: all (default: DiffLensConfig.max_prompts)"),
+    max_new_tokens: int = typer.Option(None, help="tokens generated per steered answer (default: DiffLensConfig.max_new_tokens)"),
+    batch_size: int = typer.Option(None, help="sequences per forward pass (default: DiffLensConfig.batch_size)"),
+    dtype: str = typer.Option(None, help="model dtype: float32 or bfloat16 (default: DiffLensConfig.dtype)"),
+    device: str = typer.Option(None, help="torch device: cpu, cuda, cuda:N or auto (default: DiffLensConfig.device)"),
+    seed: int = typer.Option(None, help="seed of the text order and prompt subsampling (default: DiffLensConfig.seed)"),
+    split: str = typer.Option(None, help="dataset split for datasets names (default: DiffLensConfig.split)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Activation-difference lens: mean h_chat − h_base on the first tokens, its logit lens, steering with it."""
+    import json
+
+    from .errors import ConfigError, CrossdiffError
+
+    try:
+        from .diff_lens import DiffLensConfig, diff_lens, write_lens
+
+        given = {"layer": layer, "n_positions": n_positions, "chat_window": chat_window, "n_sequences": n_sequences,
+                 "top_k": top_k, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
+                 "device": device, "seed": seed, "split": split}
+        cfg_in = {k: v for k, v in given.items() if v is not None} | {"progress": progress}
+        if max_prompts is not None:
+            cfg_in["max_prompts"] = max_prompts or None
+        if alphas is not None:
+            try:
+                cfg_in["alphas"] = tuple(float(a) for a in alphas.split(",") if a.strip())
+            except ValueError as exc:
+                raise ConfigError(f"--alphas must be comma-separated numbers, got {alphas!r}") from exc
+        res, tensors = diff_lens(base, chat, text=text or None, chats=chats or None, prompts=prompts,
+                                 behaviours=behaviours, locate=locate, cfg=DiffLensConfig.from_dict(cfg_in))
+        json_path, st_path = write_lens(res, tensors, out)
+    except CrossdiffError as err:
+        _fail(err)
+    L = res["layer"]
+    typer.echo(json.dumps({"layer": L, "layer_from": res["layer_from"], "out": str(json_path), "vectors": str(st_path),
+                           "sources": {s: {"delta_norm": b["per_layer"][L]["delta_norm"],
+                                           "top_tokens": [t["token"] for t in b["per_layer"][L]["top_tokens"][:8]]}
+                                       for s, b in res["sources"].items()},
+                           "steering_runs": len(res["steering"]["runs"]) if res["steering"] else res["steering_skipped"]},
+                          indent=1))
 
 
 if __name__ == "__main__":

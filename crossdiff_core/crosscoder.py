@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,30 +16,69 @@ import torch
 import torch.nn.functional as Fn
 from safetensors.torch import load_file, save_file
 
+from .config import tolerant_from_dict
 from .errors import ConfigError, CrossdiffError
 from .fileio import atomic_write
+from .sparse_step import sparse_codes_step, use_sparse
 
 KINDS = ("l1", "batchtopk")
+
+
+@dataclass
+class CrossCoderSettings:
+    """The crosscoder a training run builds (params.yaml ``train.crosscoder``), for either kind: ``k``
+    applies to BatchTopK, ``l1_coeff`` to L1 (field metadata ``kind``); :meth:`config` makes the
+    :class:`CrossCoderConfig` of one kind. ``d_model`` comes from the cache."""
+
+    dict_size: int = 1024  # F, the number of latents
+    k: int | None = field(default=32, metadata={"kind": "batchtopk"})  # BatchTopK: mean active latents per token
+    l1_coeff: float = field(default=1.0, metadata={"kind": "l1"})  # L1: λ after its warm-up
+    init_norm: float | None = None  # decoder row norm at init, each model's half (None: the kind's INIT_NORM)
+    b_dec_init: str | None = None  # decoder bias at init: zero, or mean (the cache's mean); None: the kind's B_DEC_INIT
+    aux_k: int | None = None  # AuxK: dead latents used per token (None: d_model / 2)
+    aux_alpha: float = 1.0 / 32.0  # AuxK: weight of the auxiliary loss
+    threshold_decay: float | None = None  # BatchTopK: EMA decay of the inference threshold (None: from the run's length)
+
+    def for_kind(self, kind: str) -> "CrossCoderSettings":
+        """These settings with the other kind's knob cleared (k for L1, λ for BatchTopK): what a
+        crosscoder of ``kind`` depends on."""
+        if kind not in KINDS:
+            raise ConfigError(f"unknown crosscoder kind {kind!r}; use one of {KINDS}")
+        clear = {f.name: (None if f.name == "k" else 0.0) for f in fields(self)
+                 if f.metadata.get("kind") not in (None, kind)}
+        return replace(self, **clear)
+
+    def config(self, kind: str, d_model: int, **provenance) -> "CrossCoderConfig":
+        """The :class:`CrossCoderConfig` of a ``kind`` crosscoder on ``d_model``-wide activations."""
+        return CrossCoderConfig(kind=kind, d_model=d_model, **asdict(self.for_kind(kind)), **provenance)
+
+
+_S = CrossCoderSettings  # its defaults are the architecture defaults below
+# per-kind init defaults (measured on planted data, bench/synthetic_recovery.py): BatchTopK starts with unit
+# decoder rows, as the paper's runs (at 0.05, 81% of its latents died), and b_dec at the data mean; L1 as before
+INIT_NORM = {"l1": 0.05, "batchtopk": 1.0}
+B_DEC_INIT = {"l1": "zero", "batchtopk": "mean"}
+B_DEC_INITS = ("zero", "mean")
 
 
 @dataclass
 class CrossCoderConfig:
     """Architecture and sparsity settings; saved as ``config.json`` next to the weights."""
 
-    kind: str
-    d_model: int
-    dict_size: int
+    kind: str  # l1 or batchtopk
+    d_model: int  # activation width of the layer
+    dict_size: int  # F, the number of latents
     k: int | None = None  # BatchTopK: mean active latents per token
     l1_coeff: float = 0.0  # L1: λ (after warm-up)
-    init_norm: float = 0.05  # decoder row norm at init
-    aux_k: int | None = None  # AuxK: dead latents used per token (default d/2)
-    aux_alpha: float = 1.0 / 32.0
-    threshold_decay: float = 0.999
+    init_norm: float | None = _S.init_norm  # decoder row norm at init (None: INIT_NORM[kind])
+    b_dec_init: str | None = _S.b_dec_init  # decoder bias at init: zero or mean (None: B_DEC_INIT[kind])
+    aux_k: int | None = _S.aux_k  # AuxK: dead latents used per token (default d/2)
+    aux_alpha: float = _S.aux_alpha  # AuxK: weight of the auxiliary loss
+    threshold_decay: float | None = _S.threshold_decay  # BatchTopK: EMA decay of θ (None: the trainer's, from the run length)
     # provenance (DESIGN §2): what it was trained on
     training_tokens: int = 0
     cache: str | None = None
     cache_manifest_hash: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,14 +95,25 @@ class CrossCoderConfig:
                 )
         if self.l1_coeff < 0:
             raise ConfigError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        if self.init_norm is None:
+            self.init_norm = INIT_NORM[self.kind]
+        if self.b_dec_init is None:
+            self.b_dec_init = B_DEC_INIT[self.kind]
+        if not self.init_norm > 0:
+            raise ConfigError(f"init_norm must be positive (got {self.init_norm})")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"b_dec_init must be one of {B_DEC_INITS} (got {self.b_dec_init!r})")
+        if self.threshold_decay is not None and not 0 <= self.threshold_decay < 1:
+            raise ConfigError(f"threshold_decay must be in [0, 1) or null (got {self.threshold_decay})")
         if self.aux_k is None:
             self.aux_k = max(1, self.d_model // 2)
         self.aux_k = min(self.aux_k, self.dict_size)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CrossCoderConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From a ``config.json``: other tools write it too, so keys this version does not know are
+        ignored (unlike a params.yaml section, which is read strictly)."""
+        return tolerant_from_dict(cls, d)
 
 
 class Codes(NamedTuple):
@@ -108,8 +158,10 @@ class LocalBatch:
 class CrossCoder(torch.nn.Module):
     """Crosscoder with ``W_enc [2,d,F]``, ``b_enc [F]``, ``W_dec [2,F,d]``, ``b_dec [2,d]``, ``scales [2]``."""
 
-    def __init__(self, cfg: CrossCoderConfig, *, scales: torch.Tensor | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, seed: int | None = 0):
+    def __init__(self, cfg: CrossCoderConfig, *, scales: torch.Tensor | None = None, mean: torch.Tensor | None = None,
+                 device=None, dtype: torch.dtype = torch.float32, seed: int | None = 0):
+        """``scales [2]``: ``s_m``; ``mean [2, d]``: the data's mean in model units, where ``b_dec`` starts
+        when ``cfg.b_dec_init`` is mean (zero without it)."""
         super().__init__()
         self.cfg = cfg
         d, F = cfg.d_model, cfg.dict_size
@@ -121,10 +173,14 @@ class CrossCoder(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(w)
         self.W_enc = torch.nn.Parameter(w.transpose(1, 2).contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(F, device=device, dtype=dtype))
-        self.b_dec = torch.nn.Parameter(torch.zeros(2, d, device=device, dtype=dtype))
         s = torch.ones(2) if scales is None else torch.as_tensor(scales, dtype=torch.float32).reshape(2)
         if not torch.all(torch.isfinite(s) & (s > 0)):
             raise ConfigError(f"input scales must be finite and positive, got {s.tolist()}")
+        b = torch.zeros(2, d)
+        if mean is not None and cfg.b_dec_init == "mean":
+            # the mean is reconstructed by the bias from the first step, not by latents that fire on every token
+            b = torch.as_tensor(mean, dtype=torch.float64).reshape(2, d).div(s.double()[:, None]).float()
+        self.b_dec = torch.nn.Parameter(b.to(device=device, dtype=dtype))
         self.register_buffer("scales", s.to(device=device, dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float("nan"), device=device, dtype=torch.float32))
         self.batch_reduce = LocalBatch()  # where the batch-wide selection and sums are taken
@@ -171,6 +227,14 @@ class CrossCoder(torch.nn.Module):
     def _select_batch(self, pre: torch.Tensor) -> Codes:
         rows, lat = self.batch_mask(pre)[0].nonzero(as_tuple=True)
         return Codes(Fn.relu(pre[rows, lat]), rows, lat, pre.shape[0])
+
+    @torch.no_grad()
+    def update_threshold(self, min_kept_score: torch.Tensor, decay: float) -> None:
+        """One EMA step of the inference threshold ``θ ← decay·θ + (1 − decay)·v`` towards a training batch's
+        smallest kept score ``v`` (the first step sets ``θ = v``)."""
+        v = min_kept_score.float()
+        thr = self.threshold
+        thr.copy_(v if not torch.isfinite(thr) else decay * thr + (1 - decay) * v)
 
     def _select_threshold(self, pre: torch.Tensor) -> Codes:
         if not torch.isfinite(self.threshold):
@@ -220,28 +284,39 @@ class CrossCoder(torch.nn.Module):
         return self.decode(self.encode_sparse(x))
 
     # ---- training objective ------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, *, l1_coeff: float | None = None, dead: torch.Tensor | None = None) -> LossOutput:
+    def loss(self, x: torch.Tensor, *, l1_coeff: float | None = None, dead: torch.Tensor | None = None,
+             products: str | None = None) -> LossOutput:
         """The DESIGN §1 objective on one batch ``x [batch, 2, d]`` (model units).
 
         L1: ``Σ_m ||x_m − x̂_m||² + λ Σ_j f_j (||d_j^b|| + ||d_j^c||)``; BatchTopK: ``Σ_m ||x_m − x̂_m||² + α L_aux``
-        with ``L_aux`` over the ``dead [F]`` latents (bool mask) when any are dead.
+        with ``L_aux`` over the ``dead [F]`` latents (bool mask) when any are dead. ``products``: ``"dense"`` or
+        ``"sparse"`` products (:mod:`crossdiff_core.sparse_step`; the same results to float round-off), or
+        chosen by the codes' density (``None``/``"auto"``, :func:`~crossdiff_core.sparse_step.use_sparse`).
         """
         xn = self.normalise(x)
-        B = xn.shape[0]
+        B, F, d = xn.shape[0], self.cfg.dict_size, self.cfg.d_model
         pre = self.pre_activations(xn)
         nan = torch.tensor(float("nan"), device=xn.device)
         zero = xn.new_zeros(())
         if self.cfg.kind == "l1":
+            lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+            # counting the active codes is a pass over [B, F]: only when the density decides
+            nnz = int((pre.detach() > 0).sum()) if products in (None, "auto") else 0
+            if use_sparse(products, nnz, B, F, d):
+                rows, lat = (pre.detach() > 0).nonzero(as_tuple=True)
+                return self._loss_sparse(xn, pre, rows, lat, lam=lam, dead=None, thr=nan)
             f = Fn.relu(pre)
             x_hat = self.decode_normalised(f)
             recon = reconstruction_loss(xn, x_hat)
-            lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
             sparsity = l1_penalty(f, self.decoder_norms(), lam)
             counts = firing_counts(f)
             return LossOutput(recon + sparsity, recon, sparsity, zero, counts.sum() / B, counts > 0,
                               x_hat.detach(), nan)
-        # dense masked codes: at k/F ~ 1/100 a dense [B,F]x[F,2d] product beats sparse kernels on CPU
         mask, thr = self.batch_mask(pre)
+        # the selection keeps k·B entries (ties aside): the density is known without counting
+        if use_sparse(products, self.cfg.k * B, B, F, d):
+            rows, lat = mask.nonzero(as_tuple=True)
+            return self._loss_sparse(xn, pre, rows, lat, lam=None, dead=dead, thr=thr)
         f = torch.where(mask, pre, 0.0)  # kept entries are positive, so this is relu(pre) on them
         x_hat = self.decode_normalised(f)
         recon = reconstruction_loss(xn, x_hat)
@@ -252,27 +327,52 @@ class CrossCoder(torch.nn.Module):
         return LossOutput(recon + self.cfg.aux_alpha * aux, recon, zero, aux, counts.sum() / B, counts > 0,
                           x_hat.detach(), thr)
 
-    def aux_loss(self, xn: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def _loss_sparse(self, xn: torch.Tensor, pre: torch.Tensor, rows: torch.Tensor, lat: torch.Tensor, *,
+                     lam: float | None, dead: torch.Tensor | None, thr: torch.Tensor) -> LossOutput:
+        """:meth:`loss` through the sparse step's products, for the active entries ``(rows, lat) [nnz]``
+        (sorted by row) of ``pre [B, F]``; ``lam`` is L1's λ (None: BatchTopK)."""
+        B, F, d = xn.shape[0], self.cfg.dict_size, self.cfg.d_model
+        has_dead = dead is not None and bool(dead.any())
+        dead_idx = dead.nonzero(as_tuple=True)[0] if has_dead else None
+        f, x_hat, pre_dead, dec_dead = sparse_codes_step(self.W_enc, self.b_enc, self.W_dec, xn.reshape(B, 2 * d),
+                                                         pre, rows, lat, dead_idx)
+        x_hat = x_hat + self.b_dec
+        recon = reconstruction_loss(xn, x_hat)
+        zero = xn.new_zeros(())
+        sparsity = aux = zero
+        if lam is not None:
+            sparsity = l1_penalty(Codes(f, rows, lat, B), self.decoder_norms(), lam)
+        if has_dead:
+            aux = self.aux_loss(xn, x_hat.detach(), dead, pre_dead=pre_dead, dec_dead=dec_dead)
+        loss = recon + sparsity if lam is not None else recon + self.cfg.aux_alpha * aux
+        counts = torch.bincount(lat, minlength=F).to(torch.float32)
+        return LossOutput(loss, recon, sparsity, aux, counts.sum() / B, counts > 0, x_hat.detach(), thr)
+
+    def aux_loss(self, xn: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor,
+                 pre_dead: torch.Tensor | None = None, dec_dead: torch.Tensor | None = None) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the ``aux_k`` largest pre-activations among ``dead`` latents reconstruct
         the detached error ``e = x − x̂``; ``L_aux = Σ_m ||e_m − ê_m||² / Σ_m ||e_m − mean(e_m)||²``.
 
         A dead latent's pre-activation is negative on almost every token, so a plain ReLU would pass no
         gradient. The codes use ``relu`` in the forward pass but a straight-through gradient (identity)
         to the pre-activation, so the encoder learns to raise dead latents where their decoder row
-        points along the error; once one fires, the main loss takes over.
+        points along the error; once one fires, the main loss takes over. ``pre_dead [B, n_dead]`` and
+        ``dec_dead [n_dead, 2d]``: the dead latents' pre-activations and decoder rows where the caller has
+        them (the sparse step, whose backward adds their gradients in its own pass), else their own product.
         """
         e = (xn - x_hat).detach()  # [B, 2, d]
         # work on the dead columns only: cheap when few latents are dead, which is the common case; their
         # own small encoder product keeps the gradient off the [B, F] pre-activations
         idx = dead.nonzero(as_tuple=True)[0]
         d = self.cfg.d_model
-        pre_d = torch.addmm(self.b_enc[idx], xn.reshape(-1, 2 * d), self.W_enc[:, :, idx].reshape(2 * d, -1))
+        pre_d = pre_dead if pre_dead is not None else torch.addmm(
+            self.b_enc[idx], xn.reshape(-1, 2 * d), self.W_enc[:, :, idx].reshape(2 * d, -1))
         if self.cfg.aux_k >= idx.numel():  # every dead latent is among the aux_k largest: no selection
             f_aux = pre_d + (Fn.relu(pre_d) - pre_d).detach()  # forward relu, backward identity
         else:
             vals, pos = pre_d.topk(self.cfg.aux_k, dim=1, sorted=False)
             f_aux = torch.zeros_like(pre_d).scatter(1, pos, vals + (Fn.relu(vals) - vals).detach())
-        w = self.W_dec[:, idx].transpose(0, 1).reshape(idx.numel(), -1)  # [n_dead, 2d]
+        w = dec_dead if dec_dead is not None else self.W_dec[:, idx].transpose(0, 1).reshape(idx.numel(), -1)
         e_hat = (f_aux @ w).view_as(e)
         denom = self.batch_reduce.aux_denominator(e).clamp_min(1e-12)
         return (e - e_hat).pow(2).sum() / denom
@@ -328,10 +428,15 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
 
 
-def l1_penalty(f: torch.Tensor, dec_norms: torch.Tensor, l1_coeff: float) -> torch.Tensor:
-    """``λ Σ_j f_j (||d_j^b|| + ||d_j^c||)`` averaged over the batch; ``f [batch, F]``, ``dec_norms [2, F]``."""
+def l1_penalty(f: torch.Tensor | Codes, dec_norms: torch.Tensor, l1_coeff: float) -> torch.Tensor:
+    """``λ Σ_j f_j (||d_j^b|| + ||d_j^c||)`` averaged over the batch; ``f [batch, F]`` or sparse codes,
+    ``dec_norms [2, F]``."""
     # sum over the batch first: its backward is a broadcast, where f @ norms would write a [batch, F] outer product
     # (float32 sums and a product autocast leaves alone)
+    if isinstance(f, Codes):
+        per_latent = dec_norms.new_zeros(dec_norms.shape[1], dtype=torch.float32).index_add(
+            0, f.latents, f.values.to(torch.float32))
+        return l1_coeff * (per_latent * dec_norms.sum(0).float()).sum() / f.batch
     return l1_coeff * (f.sum(0, dtype=torch.float32) * dec_norms.sum(0).float()).sum() / f.shape[0]
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from crossdiff_core.config import from_dict
 from crossdiff_core.errors import ConfigError
 
 _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text",
@@ -47,15 +48,15 @@ SourceSpec = Any  # str (path or hub name) | dict(path=..., name=..., split=...,
 class DataConfig:
     """What to cache. `text` / `chats`: one source or a list (see `load_source`)."""
 
-    text: list[SourceSpec] = field(default_factory=list)
-    chats: list[SourceSpec] = field(default_factory=list)
+    text: list[SourceSpec] = field(default_factory=list)  # text sources (a `text` column)
+    chats: list[SourceSpec] = field(default_factory=list)  # chat sources (a messages column)
     n_tokens: int | None = None  # budget of cached tokens; None = all the data
     max_length: int = 1024  # tokens per sequence, BOS included
     text_fraction: float = 0.5  # share of the budget for text when both kinds are given
-    seed: int = 0
-    split: str = "train"
-    text_column: str = "text"
-    messages_column: str = "messages"
+    seed: int = 0  # order of the sources' rows
+    split: str = "train"  # dataset split for datasets names
+    text_column: str = "text"  # the text sources' column
+    messages_column: str = "messages"  # the chat sources' {role, content} list column
 
     def __post_init__(self) -> None:
         self.text = _as_list(self.text)
@@ -73,13 +74,9 @@ class DataConfig:
             warnings.warn(f"text_fraction={self.text_fraction} gives one kind of data no tokens", stacklevel=3)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+    def from_dict(cls, d: Mapping[str, Any], *, section: str = "data") -> DataConfig:
         """From a params.yaml section; unknown keys are an error (a typo would be silently ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown data settings {unknown}; valid keys are {sorted(names)}")
-        return cls(**dict(d))
+        return from_dict(cls, d, section=section)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (in-memory datasets are described by their size)."""

@@ -75,8 +75,8 @@ class _Objective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, *, l1_coeff, dead):
-        return self.model.loss(x, l1_coeff=l1_coeff, dead=dead)
+    def forward(self, x, *, l1_coeff, dead, products=None):
+        return self.model.loss(x, l1_coeff=l1_coeff, dead=dead, products=products)
 
 
 class DistributedTrainer(Trainer):
@@ -105,7 +105,7 @@ class DistributedTrainer(Trainer):
     def _optimise(self, x, *, l1_coeff, dead):
         return optimisation_step(self.model, self.opt, x, l1_coeff=l1_coeff, dead=dead, grad_clip=self.cfg.grad_clip,
                                  compute_dtype=self.compute_dtype, step=self.step, out_path=self.out / CHECKPOINT,
-                                 loss_fn=self.ddp)
+                                 loss_fn=self.ddp, products=self.cfg.products)
 
     def _note_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
         anywhere = fired.to(torch.uint8)
@@ -122,8 +122,7 @@ def default_backend(device: str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def train_distributed(cache_dir, out_dir, *, kind: str, dict_size: int, k: int | None = None, l1_coeff: float = 0.0,
-                      train: TrainConfig, model_overrides: dict | None = None, on_metrics=None,
+def train_distributed(cache_dir, out_dir, *, kind: str, train: TrainConfig, on_metrics=None,
                       backend: str | None = None) -> dict:
     """:func:`~crossdiff_core.trainer.train_crosscoder` on every rank of a torchrun launch (reads
     ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment). On GPUs each rank takes
@@ -141,8 +140,7 @@ def train_distributed(cache_dir, out_dir, *, kind: str, dict_size: int, k: int |
     try:
         if dist.get_rank() != 0:
             train.progress = False
-        return train_crosscoder(cache_dir, out_dir, kind=kind, dict_size=dict_size, k=k, l1_coeff=l1_coeff,
-                                train=train, model_overrides=model_overrides, on_metrics=on_metrics,
+        return train_crosscoder(cache_dir, out_dir, kind=kind, train=train, on_metrics=on_metrics,
                                 trainer_cls=DistributedTrainer)
     finally:
         if own_group:
@@ -151,7 +149,7 @@ def train_distributed(cache_dir, out_dir, *, kind: str, dict_size: int, k: int |
 
 def main(argv: list[str] | None = None) -> None:
     """``torchrun ... -m crossdiff_core.distributed --cache C --out O --config JSON``: ``JSON`` holds
-    ``kind``, ``dict_size``, ``k``, ``l1_coeff``, ``model_overrides`` and ``train`` (TrainConfig fields)."""
+    ``kind`` and ``train`` (TrainConfig fields, the crosscoder's in ``train.crosscoder``)."""
     p = argparse.ArgumentParser(prog="python -m crossdiff_core.distributed", description=main.__doc__)
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
@@ -161,9 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     text = open(a.config[1:]).read() if a.config.startswith("@") else a.config
     c = json.loads(text)
     train = TrainConfig.from_dict(c["train"])
-    metrics = train_distributed(a.cache, a.out, kind=c["kind"], dict_size=c["dict_size"], k=c.get("k"),
-                                l1_coeff=c.get("l1_coeff", 0.0), train=train,
-                                model_overrides=c.get("model_overrides"), backend=a.backend)
+    metrics = train_distributed(a.cache, a.out, kind=c["kind"], train=train, backend=a.backend)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: metrics.get(k) for k in ("fve_base", "fve_chat", "l0", "dead_fraction")}))
 

@@ -19,3 +19,7 @@ class ModelMismatchError(CrossdiffError):
 
 class TrainingDivergedError(CrossdiffError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class CheckpointError(CrossdiffError):
+    """A training checkpoint is foreign, corrupt or in a format crossdiff never loads (a pickle)."""

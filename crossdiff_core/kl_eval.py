@@ -29,7 +29,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -38,10 +38,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import from_dict, neutral
 from .crosscoder import CrossCoder
+from .data import DataConfig, build_corpus
 from .decoder_norms import CHAT_ONLY
 from .errors import ConfigError, CrossdiffError, ModelMismatchError
-from .models import ModelPair, decoder_layers, residual_stream
+from .models import ModelPair, decoder_layers, residual_stream, resolve_device
+from .runs import pair_for, read_latents
 
 CATEGORIES = ("first9", "response", "template")
 FIRST_N = 9
@@ -194,34 +197,6 @@ class Patcher:
         return out
 
 
-def pair_for(cc: CrossCoder, *, base: str | None = None, chat: str | None = None, layer: int | None = None,
-             dtype: str = "float32", device: str = "cpu") -> ModelPair:
-    """Load the model pair a crosscoder belongs to. Models and layer default to those recorded in the
-    manifest of the cache the crosscoder was trained on (``models.base``, ``models.chat``, ``layer``)."""
-    import json
-    from pathlib import Path
-
-    from .models import load_pair
-
-    rec: dict = {}
-    if cc.cfg.cache and (Path(cc.cfg.cache) / "manifest.json").is_file():
-        rec = json.loads((Path(cc.cfg.cache) / "manifest.json").read_text())
-    models = rec.get("models") or {}
-    base, chat = base or models.get("base"), chat or models.get("chat")
-    layer = layer if layer is not None else rec.get("layer")
-    if not base or not chat or layer is None:
-        raise ConfigError("cannot tell which models and layer this crosscoder belongs to (its training cache "
-                          f"{cc.cfg.cache!r} records none): pass --base, --chat and --layer")
-    if rec.get("layer") is not None and layer != rec["layer"]:
-        raise ModelMismatchError(f"the crosscoder was trained on layer {rec['layer']} but layer {layer} was asked "
-                                 "for: drop --layer, or use a crosscoder trained on that layer")
-    pair = load_pair(base, chat, layer=int(layer), dtype=dtype, device=device)
-    if pair.d_model != cc.cfg.d_model:
-        raise ModelMismatchError(f"the models have d_model={pair.d_model}, the crosscoder {cc.cfg.d_model}: "
-                                 "pass the models the crosscoder was trained on")
-    return pair
-
-
 # ---- running the later blocks from a given block-L output ------------------------------------------
 
 class _StandIn(nn.Module):
@@ -338,16 +313,46 @@ def make_batch(sequences: Sequence[Any], pad_id: int, *, first_n: int = FIRST_N,
 class KLConfig:
     """Settings of :func:`kl_gap`."""
 
-    batch_size: int = 8  # conversations per batch (both models' first blocks run once per batch)
-    max_logit_elements: int = 1 << 27  # bound on kept positions x vocab of the logits of one pass (memory)
+    batch_size: int = neutral(8)  # conversations per batch (both models' first blocks run once per batch)
+    max_logit_elements: int = neutral(1 << 27)  # bound on kept positions x vocab of the logits of one pass (memory)
     # bound on the token slots (sets x batch x length) of one pass of the later blocks; None: 2048 on CPU,
     # where larger passes fall out of cache and run slower per token (measured), 131072 on GPUs
-    max_pass_tokens: int | None = None
-    progress: bool = True
+    max_pass_tokens: int | None = neutral(None)
+    progress: bool = neutral(True)  # progress bar
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.max_logit_elements <= 0 or (self.max_pass_tokens or 1) <= 0:
             raise ConfigError(f"batch_size, max_logit_elements and max_pass_tokens must be positive: {self}")
+
+
+@dataclass
+class EvaluateConfig(KLConfig):
+    """The KL evaluation of a crosscoder (params.yaml ``evaluate``, ``crossdiff evaluate``): the held-out
+    conversations, the random sets, the models' dtype, and :class:`KLConfig`'s batching."""
+
+    chats: list = field(default_factory=list)  # held-out chat data (a messages column): files or datasets names
+    messages_column: str = "messages"  # the chats' {role, content} list column
+    split: str = "train"  # dataset split for datasets names
+    tokens: int = 20_000  # conversation tokens to evaluate on
+    max_length: int = 1024  # tokens per conversation, BOS included
+    n_random: int = 5  # random sets of chat-only latents (the spread)
+    seed: int = 0  # conversation order and the random sets
+    dtype: str = "float32"  # the models' dtype: float32 or bfloat16
+    device: str = neutral("cpu")  # torch device: cpu, cuda or auto
+
+    @classmethod
+    def from_dict(cls, d: dict, *, section: str = "evaluate") -> "EvaluateConfig":
+        """From params.yaml's ``evaluate`` section; unknown keys are an error."""
+        return from_dict(cls, d, section=section)
+
+    def data(self) -> DataConfig:
+        """The conversations to evaluate on."""
+        return DataConfig(chats=list(self.chats), n_tokens=self.tokens, max_length=self.max_length, seed=self.seed,
+                          split=self.split, messages_column=self.messages_column)
+
+    def kl(self) -> KLConfig:
+        """The :func:`kl_gap` settings alone (what its result records)."""
+        return KLConfig(**{f.name: getattr(self, f.name) for f in fields(KLConfig)})
 
 
 @dataclass
@@ -514,33 +519,19 @@ def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequ
     return KLResult(sets, kl, n, len(sequences), t, cfg)
 
 
-def evaluate_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, data: Any, *, n_random: int = 5,
-                        seed: int = 0, cfg: KLConfig | None = None, dtype: str = "float32", device: str = "cpu",
+def evaluate_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, cfg: EvaluateConfig, *,
                         base: str | None = None, chat: str | None = None, layer: int | None = None) -> dict:
     """The KL gap of :func:`default_sets` for a crosscoder directory and its ``latents.parquet``, on the
-    chat conversations of ``data`` (a :class:`~crossdiff_core.data.DataConfig`). Models and layer default
-    to those of the crosscoder's training cache. Returns :meth:`KLResult.to_dict` plus ``inputs``."""
-    from .analysis import read_latents
-    from .data import build_corpus
-    from .models import resolve_device
-
-    dev = str(resolve_device(device))
+    chat conversations ``cfg.chats``. Models and layer default to those of the crosscoder's training
+    cache. Returns :meth:`KLResult.to_dict` plus ``inputs``."""
+    data, dtype = cfg.data(), cfg.dtype
+    dev = str(resolve_device(cfg.device))
     cc = CrossCoder.load(crosscoder, device=dev)
     table = read_latents(latents, cc)
     pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
     seqs = build_corpus(pair.tokenizer, data).sequences
-    d = kl_gap(pair, cc, seqs, default_sets(table, n_random=n_random, seed=seed), cfg).to_dict()
+    d = kl_gap(pair, cc, seqs, default_sets(table, n_random=cfg.n_random, seed=cfg.seed), cfg.kl()).to_dict()
     d["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents), "layer": pair.layer,
                    "models": {"base": pair.base_name, "chat": pair.chat_name}, "data": data.to_dict(),
                    "dtype": dtype, "device": dev}
     return d
-
-
-def headline(d: dict) -> dict:
-    """The numbers of an evaluation worth a metric: per token group the mean share of the gap closed by
-    each group of sets (random sets), and per other set its share."""
-    out = {f"gap_closed_mean.{g}": v.get("gap_closed_mean") for g, v in d.get("groups", {}).items()}
-    for r in d.get("sets", []):
-        if not r.get("group") and isinstance(r.get("gap_closed"), dict):
-            out.update({f"gap_closed.{r['name']}.{g}": v for g, v in r["gap_closed"].items()})
-    return out

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .crosscoder import Codes
-from .decoder_norms import BASE_ONLY, CHAT_ONLY, CLASSES, SHARED
+from .decoder_norms import BASE_ONLY, CLASSES, SHARED
 from .errors import ConfigError
 
 TARGETS = ("error_base", "error_chat", "recon_base", "recon_chat")
@@ -259,8 +259,3 @@ def data_driven_filter(nu_error: torch.Tensor, nu_recon: torch.Tensor, class_cod
     ir = shared_interval(nu_recon, shared, coverage)
     passed = (nu_error < ie[0]) & (nu_recon < ir[0])  # NaN bounds or values fail
     return DataDrivenCut(coverage, ie, ir, int(shared.sum()), passed)
-
-
-def chat_only_mask(class_codes: torch.Tensor) -> torch.Tensor:
-    """``[F]`` bool: the latents of the chat-only class."""
-    return class_codes == CLASSES.index(CHAT_ONLY)

@@ -39,13 +39,65 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`"auto"` picks CUDA when available, else CPU; anything else is passed to `torch.device`."""
+    """`"auto"` picks CUDA when available, else CPU; anything else is passed to `torch.device` and must
+    exist here (a CUDA device without CUDA, or past the last GPU, is a :class:`ConfigError` before any work)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"--device {device} asks for CUDA, which this machine (or this torch build) does not "
+                              "have: use --device cpu, or auto (CUDA when available)")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+# config keys that say how a model was loaded or saved, not what it is (dtype: loading in bfloat16 or
+# float32 is the same model)
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "attn_implementation")
+_FINGERPRINT_SAMPLE = 1 << 20  # elements hashed per tensor at most (a strided sample of larger ones)
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Content fingerprint of a loaded model: ``{"config": sha256, "weights": sha256}`` (hex).
+
+    ``config``: the model's configuration (what its config.json says) without the keys that only say how it
+    was loaded (name or path, dtype, library version). ``weights``: the input embedding and every parameter
+    of the first and last decoder block, each rounded to bfloat16 (so the dtype a model is loaded in does
+    not change it) and, beyond 2^20 elements, a fixed strided sample of it: cheap at any model size, and a
+    model rebuilt or retrained at the same path differs in all of them."""
+    import json
+
+    cfg = {k: v for k, v in model.config.to_dict().items()
+           if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    config_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    blocks = decoder_layers(model)
+    tensors = [("embed", model.get_input_embeddings().weight)]
+    for tag, block in (("first", blocks[0]), ("last", blocks[len(blocks) - 1])):
+        tensors += [(f"{tag}.{n}", t) for n, t in block.named_parameters()]
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in tensors:
+            flat = t.detach().reshape(-1)
+            step = max(1, -(-flat.numel() // _FINGERPRINT_SAMPLE))
+            sample = flat[::step].to(torch.bfloat16).view(torch.int16).cpu().numpy()
+            h.update(f"{name}:{list(t.shape)}:".encode())
+            h.update(sample.tobytes())
+    return {"config": config_sha, "weights": h.hexdigest()}
+
+
+def fingerprint_differences(recorded: dict, found: dict) -> list[str]:
+    """Which parts of two :func:`model_fingerprint` records differ (``"config"``, ``"weights"``)."""
+    return [k for k in ("config", "weights") if (recorded or {}).get(k) != (found or {}).get(k)]
 
 
 def text_config(config: Any) -> Any:
@@ -219,8 +271,15 @@ class ModelPair:
         return (residual_stream(self.base, input_ids, attention_mask, layer=self.layer),
                 residual_stream(self.chat, input_ids, attention_mask, layer=self.layer))
 
+    def fingerprints(self) -> dict[str, dict[str, str]]:
+        """:func:`model_fingerprint` of each model, ``{"base": ..., "chat": ...}`` (computed once)."""
+        if getattr(self, "_fingerprints", None) is None:
+            self._fingerprints = {"base": model_fingerprint(self.base), "chat": model_fingerprint(self.chat)}
+        return self._fingerprints
+
     def metadata(self) -> dict[str, Any]:
-        """What a cache manifest records about the pair."""
+        """What a cache manifest records about the pair: names, revisions and content fingerprints
+        (what a later stage checks the models it loads against)."""
         def revision(model: nn.Module) -> str | None:
             return getattr(model.config, "_commit_hash", None)
 
@@ -228,7 +287,8 @@ class ModelPair:
             "models": {"base": self.base_name, "chat": self.chat_name,
                        "revisions": {"base": revision(self.base), "chat": revision(self.chat)},
                        "architectures": {"base": type(self.base).__name__, "chat": type(self.chat).__name__},
-                       "dtype": str(self.dtype).removeprefix("torch.")},
+                       "dtype": str(self.dtype).removeprefix("torch."),
+                       "fingerprints": self.fingerprints()},
             "tokenizer_hash": tokenizer_hash(self.tokenizer),
             "chat_template": getattr(self.tokenizer, "chat_template", None),
         }

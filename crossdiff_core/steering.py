@@ -6,11 +6,14 @@ generates (base or chat model), for a sweep of ``a``. ``d_j^c`` is the latent's 
 steered model's own units (``s_m · W_dec[1, j]``), ``max_act_j`` its largest code value (``latents.parquet``).
 Per latent, model and ``a`` we record greedy generations, ``KL(p_unsteered || p_steered)`` of the
 next-token distributions on the prompts (teacher-forced; mean over prompt tokens, and at the last prompt
-position, where the answer starts), and, with a ground truth of planted behaviours, each behaviour's
-rate as :func:`crossdiff_core.toy_models.measure_behaviours` measures it.
+position, where the answer starts), and, with a behaviour spec (:mod:`crossdiff_core.behaviours`; the toy
+pair's ground truth is one), each behaviour's rates as :func:`crossdiff_core.behaviours.measure` measures them.
 
 Behaviour tracking: each latent's largest activation over a prompt, compared between the prompts that
-trigger a behaviour and the others by AUROC (1 = fires more on every trigger prompt than on any other).
+trigger a behaviour and the others by AUROC (1 = fires more on every trigger prompt than on any other), for
+every latent of every class. The latents steered by default: the most chat-specific chat-only latents, per
+behaviour its best trackers over all live latents plus the best tracker of each class (so a shared detector
+and the best chat-only one are both steered), and a few shared controls; each chosen latent records why.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import from_dict, neutral
 from .crosscoder import CrossCoder
-from .decoder_norms import CHAT_ONLY, SHARED
+from .data import load_source
+from .decoder_norms import CHAT_ONLY, CLASSES, DEAD, SHARED
 from .errors import ConfigError, CrossdiffError
 from .fileio import json_safe
-from .models import ModelPair, decoder_layers
+from .generation import generate_texts, left_pad, pad_token_id, render_prompts
+from .behaviours import BehaviourSpec, load_behaviours, measure, rules, steering_record
+from .models import ModelPair, decoder_layers, resolve_device
+from .runs import pair_for, read_latents
 
-DEFAULT_ALPHAS = (-0.5, 0.5, 1.0, 1.5)
 MODELS = ("base", "chat")
 
 
@@ -68,56 +75,7 @@ def steering(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[Non
         handle.remove()
 
 
-# ---- generation and KL ------------------------------------------------------------------------------
-
-def _render(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of single-turn user ``prompts`` in the chat template, the assistant turn opened."""
-    from .data import render_chat
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the tokenizer has no chat template: steering prompts are rendered as chats; "
-                          "use the chat model's tokenizer")
-    texts = render_chat(tokenizer, [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)
-    return [list(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.as_tensor(r)
-        mask[i, T - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
-@torch.inference_mode()
-def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 20,
-                   batch_size: int = 64) -> list[str]:
-    """Greedy answers to single-turn user ``prompts`` (chat template, left padding), any hooks active.
-    Stops at the model's end-of-sequence tokens (its generation config, else the tokenizer's)."""
-    device = next(model.parameters()).device
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    rows, out = _render(tokenizer, prompts), []
-    pad = _pad_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    for a in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[a:a + batch_size], pad, device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=list(eos_set) or None, pad_token_id=pad)
-        for r in gen[:, ids.shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(r) if t in eos_set), len(r))
-            out.append(tokenizer.decode(r[:cut], skip_special_tokens=True))
-    model.train(was_training)
-    return out
-
+# ---- KL ------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def steering_kl(model: nn.Module, tokenizer: Any, prompts: Sequence[str], layer: int, vectors: torch.Tensor, *,
@@ -128,11 +86,11 @@ def steering_kl(model: nn.Module, tokenizer: Any, prompts: Sequence[str], layer:
     Per chunk of prompts, one forward pass holds the unsteered copy and one steered copy per vector."""
     device = next(model.parameters()).device
     A, d = vectors.shape
-    rows, pad = _render(tokenizer, prompts), _pad_id(tokenizer)
+    rows, pad = render_prompts(tokenizer, prompts), pad_token_id(tokenizer)
     sums, lasts, n_tok = np.zeros(A), np.zeros(A), 0
     per = max(1, batch_size // (A + 1))
     for a in range(0, len(rows), per):
-        ids, mask = _left_pad(rows[a:a + per], pad, device)
+        ids, mask = left_pad(rows[a:a + per], pad, device)
         B = ids.shape[0]
         vec = torch.cat([torch.zeros(1, d, device=vectors.device), vectors]).repeat_interleave(B, 0)[:, None, :]
         with steering(model, layer, vec):
@@ -151,7 +109,7 @@ def steering_kl(model: nn.Module, tokenizer: Any, prompts: Sequence[str], layer:
 @torch.inference_mode()
 def prompt_max_activations(pair: ModelPair, cc: CrossCoder, prompts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
     """Each latent's largest code value over each rendered prompt (BOS excluded): ``[P, F]`` float32."""
-    rows, pad = _render(pair.tokenizer, prompts), _pad_id(pair.tokenizer)
+    rows, pad = render_prompts(pair.tokenizer, prompts), pad_token_id(pair.tokenizer)
     F = cc.cfg.dict_size
     out = torch.zeros(len(rows), F, dtype=torch.float32, device=cc.W_dec.device)
     bos = pair.tokenizer.bos_token_id
@@ -190,44 +148,107 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return (r1 - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def behaviour_tracking(pair: ModelPair, cc: CrossCoder, ground_truth: dict, prompts: Sequence[dict] | None = None,
+def behaviour_tracking(pair: ModelPair, cc: CrossCoder, behaviours: Any, prompts: Sequence[dict] | None = None,
                        *, batch_size: int = 64) -> pd.DataFrame:
-    """Per latent and planted behaviour: AUROC of the latent's prompt-max activation for the prompts that
-    trigger the behaviour (``expected``) against all others, and its mean prompt-max activation on each side.
+    """Per latent (all of them, every class) and behaviour: AUROC of the latent's prompt-max activation for
+    the prompts that trigger the behaviour (``expected``) against all others, and its mean prompt-max
+    activation on each side. ``behaviours``: a :class:`~crossdiff_core.behaviours.BehaviourSpec` (or what
+    :func:`~crossdiff_core.behaviours.load_behaviours` reads); ``prompts``: default the spec's.
     Columns: ``latent``, then ``auroc_<b>``, ``mean_act_<b>``, ``mean_act_not_<b>`` per behaviour ``b``."""
-    prompts = list(prompts if prompts is not None else ground_truth["eval_prompts"])
+    if prompts is None:
+        prompts = load_behaviours(behaviours).prompts()
+    prompts = list(prompts)
     acts = prompt_max_activations(pair, cc, [p["text"] for p in prompts], batch_size=batch_size).cpu().numpy()
     expected = np.array([p.get("expected") or "" for p in prompts])
     cols: dict[str, np.ndarray] = {"latent": np.arange(acts.shape[1], dtype=np.int64)}
-    for b in ground_truth["behaviours"]:
-        pos = expected == b["name"]
-        cols[f"auroc_{b['name']}"] = auroc(acts, pos)
-        cols[f"mean_act_{b['name']}"] = acts[pos].mean(0) if pos.any() else np.full(acts.shape[1], np.nan)
-        cols[f"mean_act_not_{b['name']}"] = acts[~pos].mean(0) if (~pos).any() else np.full(acts.shape[1], np.nan)
+    for b in rules(behaviours):
+        pos = expected == b.name
+        cols[f"auroc_{b.name}"] = auroc(acts, pos)
+        cols[f"mean_act_{b.name}"] = acts[pos].mean(0) if pos.any() else np.full(acts.shape[1], np.nan)
+        cols[f"mean_act_not_{b.name}"] = acts[~pos].mean(0) if (~pos).any() else np.full(acts.shape[1], np.nan)
     return pd.DataFrame(cols)
+
+
+def tracking_behaviours(tracking: pd.DataFrame) -> list[str]:
+    """The behaviours a :func:`behaviour_tracking` table scores (its ``auroc_<b>`` columns, in order)."""
+    return [c[len("auroc_"):] for c in tracking.columns if c.startswith("auroc_")]
+
+
+def rank_trackers(table: pd.DataFrame, tracking: pd.DataFrame, behaviour: str) -> pd.DataFrame:
+    """The live latents (fired, not dead) ranked as trackers of ``behaviour``: AUROC descending, ties to the
+    chat-only class, then the lower ν rank, then the latent id. Columns: latent, class, nu_rank, auroc,
+    mean_act, mean_act_not."""
+    live = table[np.isfinite(table["max_act"].to_numpy(dtype=float)) & (table["class"] != DEAD)]
+    keep = ["latent", "class"] + (["nu_rank"] if "nu_rank" in live else [])
+    t = live[keep].merge(tracking[["latent", f"auroc_{behaviour}"] + [c for c in (f"mean_act_{behaviour}",
+                                                                               f"mean_act_not_{behaviour}")
+                                                                      if c in tracking]], on="latent")
+    t = t.rename(columns={f"auroc_{behaviour}": "auroc", f"mean_act_{behaviour}": "mean_act",
+                          f"mean_act_not_{behaviour}": "mean_act_not"})
+    t = t[np.isfinite(t["auroc"].to_numpy(dtype=float))]
+    if "nu_rank" not in t:
+        t["nu_rank"] = np.nan
+    t = t.assign(_co=t["class"] != CHAT_ONLY, _nu=t["nu_rank"].fillna(np.inf), _neg=-t["auroc"])
+    return t.sort_values(["_neg", "_co", "_nu", "latent"], kind="stable").drop(columns=["_co", "_nu", "_neg"])
+
+
+def tracking_summary(table: pd.DataFrame, tracking: pd.DataFrame, n: int = 5) -> dict[str, dict]:
+    """Per behaviour: the ``n`` best trackers over all live latents and the best of each class
+    (``{latent, class, auroc}``), for the steering results and the report."""
+    out = {}
+    for b in tracking_behaviours(tracking):
+        r = rank_trackers(table, tracking, b)
+        rec = lambda row: {"latent": int(row["latent"]), "class": str(row["class"]),  # noqa: E731
+                           "auroc": float(row["auroc"])}
+        out[b] = {"best": [rec(row) for _, row in r.head(n).iterrows()],
+                  "best_by_class": {str(c): rec(g.iloc[0]) for c, g in r.groupby("class", sort=False)}}
+    return out
+
+
+def choose_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tracking: pd.DataFrame | None = None,
+                   n_tracking: int = 4, seed: int = 0) -> list[dict]:
+    """:func:`select_latents` with the reasons: ``[{"latent", "class", "reasons": [...]}]`` in steering
+    order; a reason is ``nu_rank`` (most chat-specific chat-only), ``tracks:<b>`` (among the ``n_tracking``
+    best trackers of behaviour ``b`` over all live latents), ``best_<class>:<b>`` (the best tracker of its
+    class) or ``shared_control``."""
+    fired = table[np.isfinite(table["max_act"].to_numpy(dtype=float)) & (table["class"] != DEAD)]
+    cls = dict(zip(fired["latent"].astype(int), fired["class"]))
+    chosen: dict[int, list[str]] = {}
+
+    def add(j: int, why: str) -> None:
+        chosen.setdefault(int(j), []).append(why)
+
+    co = fired[fired["class"] == CHAT_ONLY]
+    t = co.assign(_nan=co["nu_rank"].isna()).sort_values(["_nan", "nu_rank", "latent"], kind="stable")
+    for j in t["latent"].head(n_top):
+        add(j, "nu_rank")
+    if tracking is not None:
+        for b in tracking_behaviours(tracking):
+            ranked = rank_trackers(fired, tracking, b)
+            for j in ranked["latent"].head(n_tracking):
+                add(j, f"tracks:{b}")
+            for c in [c for c in CLASSES if c != DEAD]:
+                best = ranked[ranked["class"] == c]["latent"].head(1)
+                for j in best:
+                    add(j, f"best_{c}:{b}")
+    sh = fired[fired["class"] == SHARED]["latent"].to_numpy()
+    if n_shared and sh.size:
+        pick = np.random.default_rng(seed).choice(sh, min(n_shared, sh.size), replace=False)
+        for j in np.sort(pick):
+            if int(j) not in chosen:
+                add(j, "shared_control")
+    return [{"latent": j, "class": str(cls.get(j)), "reasons": why} for j, why in chosen.items()]
 
 
 def select_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tracking: pd.DataFrame | None = None,
                    n_tracking: int = 4, seed: int = 0) -> list[int]:
-    """Latents to steer: the ``n_top`` most chat-specific chat-only latents (lowest ν rank), the
-    ``n_tracking`` chat-only latents not yet chosen with the highest AUROC for each tracked behaviour
-    (``tracking``: :func:`behaviour_tracking`), and ``n_shared``
-    random shared latents (controls). Only latents that fired (finite ``max_act``)."""
-    fired = table[np.isfinite(table["max_act"].to_numpy(dtype=float))]
-    co = fired[fired["class"] == CHAT_ONLY]
-    t = co.assign(_nan=co["nu_rank"].isna()).sort_values(["_nan", "nu_rank", "latent"], kind="stable")
-    out = list(t["latent"].head(n_top))
-    if tracking is not None:
-        tr = tracking[tracking["latent"].isin(co["latent"])]
-        for col in [c for c in tracking.columns if c.startswith("auroc_")]:
-            best = tr[~tr["latent"].isin(out)].sort_values([col, "latent"], ascending=[False, True], kind="stable",
-                                                           na_position="last")
-            out += list(best["latent"].head(n_tracking))
-    sh = fired[fired["class"] == SHARED]["latent"].to_numpy()
-    if n_shared and sh.size:
-        pick = np.random.default_rng(seed).choice(sh, min(n_shared, sh.size), replace=False)
-        out += [int(j) for j in np.sort(pick) if j not in out]
-    return [int(j) for j in out]
+    """Latents to steer (live ones only: finite ``max_act``, not dead): the ``n_top`` most chat-specific
+    chat-only latents (lowest ν rank); per tracked behaviour (``tracking``: :func:`behaviour_tracking`) its
+    ``n_tracking`` best trackers over all live latents of every class (:func:`rank_trackers`: ties go to
+    chat-only) and the best tracker of each class; then ``n_shared`` random shared latents (controls).
+    Each latent once, in that order; :func:`choose_latents` says why each was chosen."""
+    return [c["latent"] for c in choose_latents(table, n_top=n_top, n_shared=n_shared, tracking=tracking,
+                                                n_tracking=n_tracking, seed=seed)]
 
 
 def subsample_prompts(prompts: Sequence[dict], n: int | None, seed: int = 0) -> list[dict]:
@@ -277,8 +298,6 @@ def read_prompts(path: str) -> list[dict]:
 def first_user_turns(chats: Sequence[str], messages_column: str = "messages", n: int = 200) -> list[dict]:
     """Prompts from chat data (files or ``datasets`` names with a ``messages`` column): the first user
     message of each conversation, at most ``n``."""
-    from .data import load_source
-
     out: list[dict] = []
     for spec in chats:
         for msgs in load_source(spec).select_columns([messages_column])[messages_column]:
@@ -294,14 +313,25 @@ def first_user_turns(chats: Sequence[str], messages_column: str = "messages", n:
 
 @dataclass
 class SteerConfig:
-    """Settings of :func:`run_steering`."""
+    """Settings of a steering run (params.yaml ``steer``, ``crossdiff steer``): the sweep of
+    :func:`run_steering` and the choice of prompts and latents of :func:`steer_crosscoder`."""
 
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    models: tuple[str, ...] = MODELS
-    max_new_tokens: int = 20
-    batch_size: int = 64
+    # DESIGN's sweep (-0.5 .. 1.5) plus 3 and 6: the toy pair's latents need a larger a to move its answers
+    alphas: tuple[float, ...] = (-0.5, 0.5, 1.0, 1.5, 3.0, 6.0)
+    models: tuple[str, ...] = MODELS  # which models are steered
+    max_new_tokens: int = 20  # tokens generated per answer
     n_examples: int = 6  # generations kept per run in the results (all are measured)
-    progress: bool = True
+    prompts: str | None = None  # prompt file (.txt lines, .jsonl/.json with `text`); None: the ground truth's
+    latents: list[int] | None = None  # latents to steer; None: chosen by ν rank, behaviour tracking and a shared sample
+    n_top: int = 8  # default choice: most chat-specific chat-only latents (ν rank)
+    n_tracking: int = 4  # default choice: chat-only latents tracking each planted behaviour best
+    n_shared: int = 2  # default choice: random shared latents (controls)
+    max_prompts: int | None = 60  # at most this many prompts (each behaviour keeps its share); None: all
+    seed: int = 0  # prompt subsampling and the shared sample
+    dtype: str = "float32"  # the models' dtype
+    batch_size: int = neutral(64)  # prompts per generation batch
+    device: str = neutral("cpu")  # torch device: cpu, cuda or auto
+    progress: bool = neutral(True)  # progress bar
 
     def __post_init__(self) -> None:
         self.alphas = tuple(float(a) for a in self.alphas)
@@ -313,6 +343,11 @@ class SteerConfig:
             raise ConfigError(f"models must be a subset of {MODELS}, got {self.models}")
         if self.max_new_tokens <= 0 or self.batch_size <= 0 or self.n_examples < 0:
             raise ConfigError(f"max_new_tokens and batch_size must be positive, n_examples >= 0: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict, *, section: str = "steer") -> "SteerConfig":
+        """From params.yaml's ``steer`` section; unknown keys are an error."""
+        return from_dict(cls, d, section=section)
 
 
 def _example_indices(prompts: Sequence[dict], n: int) -> list[int]:
@@ -334,8 +369,6 @@ def _measure(model: nn.Module, tokenizer: Any, prompts: list[dict], ground_truth
     if ground_truth is None:
         return generate_texts(model, tokenizer, [p["text"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size), None
-    from .toy_models import measure_behaviours
-
     m = measure_behaviours(model, ground_truth, prompts, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.batch_size)
     return [g["response"] for g in m["generations"]], {"rates": m["rates"], "any_rate": m["any_rate"]}
@@ -434,59 +467,34 @@ def raising_runs(eff: pd.DataFrame, rise: str, *tie: str) -> pd.DataFrame:
 
 
 def steer_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, *, prompts: Sequence[dict] | None = None,
-                     ground_truth: str | os.PathLike | None = None, steer_latents: Sequence[int] | None = None,
-                     n_top: int = 8, n_tracking: int = 4, n_shared: int = 2, max_prompts: int | None = None,
-                     seed: int = 0, cfg: SteerConfig | None = None, dtype: str = "float32", device: str = "cpu",
+                     ground_truth: str | os.PathLike | None = None, cfg: SteerConfig | None = None,
                      base: str | None = None, chat: str | None = None, layer: int | None = None
                      ) -> tuple[dict, pd.DataFrame | None]:
     """Behaviour tracking (with a ground truth), the choice of latents and the steering sweep for a
-    crosscoder directory and its ``latents.parquet``. Prompts: ``prompts``, else the ground truth's
-    held-out prompts; at most ``max_prompts`` (each behaviour keeps its share). Returns the
-    :func:`run_steering` result (plus ``inputs``) and the tracking table (None without a ground truth)."""
-    from .analysis import read_latents
-    from .kl_eval import pair_for
-    from .models import resolve_device
-
+    crosscoder directory and its ``latents.parquet``. Prompts: ``prompts``, else ``cfg.prompts`` (a file),
+    else the ground truth's held-out prompts; at most ``cfg.max_prompts`` (each behaviour keeps its share).
+    Latents: ``cfg.latents``, else :func:`select_latents`. Returns the :func:`run_steering` result (plus
+    ``inputs``) and the tracking table (None without a ground truth)."""
     cfg = cfg or SteerConfig()
-    dev = str(resolve_device(device))
+    dev = str(resolve_device(cfg.device))
     cc = CrossCoder.load(crosscoder, device=dev)
     table = read_latents(latents, cc)
     gt = None
     if ground_truth:
-        from .toy_models import load_ground_truth
-
         gt = load_ground_truth(ground_truth)
+    if prompts is None and cfg.prompts:
+        prompts = read_prompts(cfg.prompts)
     if prompts is None:
         if gt is None:
             raise ConfigError("steering needs prompts: pass a prompt file or a planted-behaviour ground truth")
         prompts = gt["eval_prompts"]
-    plist = subsample_prompts(prompts, max_prompts, seed)
-    pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=dtype, device=dev)
+    plist = subsample_prompts(prompts, cfg.max_prompts, cfg.seed)
+    pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=cfg.dtype, device=dev)
     track = behaviour_tracking(pair, cc, gt, plist, batch_size=cfg.batch_size) if gt is not None else None
-    chosen = [int(j) for j in steer_latents] if steer_latents else select_latents(
-        table, n_top=n_top, n_shared=n_shared, tracking=track, n_tracking=n_tracking, seed=seed)
+    chosen = [int(j) for j in cfg.latents] if cfg.latents else select_latents(
+        table, n_top=cfg.n_top, n_shared=cfg.n_shared, tracking=track, n_tracking=cfg.n_tracking, seed=cfg.seed)
     res = run_steering(pair, cc, table, chosen, plist, cfg, ground_truth=gt)
     res["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents),
                      "ground_truth": str(ground_truth) if ground_truth else None,
                      "models": {"base": pair.base_name, "chat": pair.chat_name}, "layer": pair.layer}
     return res, track
-
-
-def headline(res: dict, behaviour: str = "refusal") -> dict:
-    """The numbers of a sweep worth a metric: how many latents were steered and, with a ground truth, how many
-    raise the base model's ``behaviour`` (whole, and its onset) on trigger prompts at some a, and the run that
-    raises each most (latent, class, a, rates steered and unsteered). No "best" run when none raises it."""
-    out: dict[str, Any] = {"latents": len(res["latents"]), "seconds": res.get("seconds")}
-    eff = refusal_effects(res, behaviour) if res.get("has_ground_truth") else pd.DataFrame()
-    if not len(eff):
-        return out
-    for key, rise, rate, other in ((f"base_{behaviour}", "rise", "trigger_rate", "other_rate"),
-                                   (f"base_{behaviour}_onset", "onset_rise", "onset_trigger_rate", "onset_other_rate")):
-        up = raising_runs(eff, rise)
-        out[f"{key}_raised_by"] = int(up["latent"].nunique())
-        if len(up):
-            best = up.iloc[0]
-            out[f"{key}_best"] = {"latent": int(best["latent"]), "class": best["class"], "alpha": float(best["alpha"]),
-                                  rate: float(best[rate]), "unsteered": float(best[f"{rate}_unsteered"]),
-                                  other: float(best[other])}
-    return out

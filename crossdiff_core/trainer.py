@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,34 +20,41 @@ import torch
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
-from .crosscoder import CrossCoder, CrossCoderConfig
+from .checkpoint import CHECKPOINT, read_checkpoint, remove_partial, settings_differences, write_checkpoint
+from .config import from_dict, neutral, result_settings
+from .crosscoder import KINDS, CrossCoder, CrossCoderSettings
 from .fileio import atomic_write
-from .errors import CacheError, ConfigError, TrainingDivergedError
+from .errors import CacheError, CheckpointError, ConfigError, TrainingDivergedError
 from .metrics import _autocast, evaluate
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; ``tokens`` is the number of training tokens (epochs over the cache as needed)."""
+    """Training settings (params.yaml ``train``): the crosscoder to build (``crosscoder``, as sparsify's
+    ``TrainConfig.sae``) and its optimisation; ``tokens`` is the number of training tokens (epochs over
+    the cache as needed). :func:`neutral` fields leave the trained weights unchanged: a checkpoint
+    written under other values of them still resumes."""
 
-    tokens: int
-    batch_size: int = 2048
-    lr: float = 1e-4
+    crosscoder: CrossCoderSettings = field(default_factory=CrossCoderSettings)  # dict_size, k, λ, AuxK, init
+    tokens: int = 600_000  # training tokens
+    batch_size: int = 1024  # tokens per step
+    lr: float = 5e-4  # peak Adam learning rate
     warmup_frac: float = 0.05  # linear LR warm-up
     decay_frac: float = 0.2  # linear LR decay to 0 over the last fraction of steps
     l1_warmup_frac: float = 0.05  # λ grows linearly from 0 (L1 only)
-    grad_clip: float = 1.0
-    checkpoint_every: int = 500  # steps; 0 = only at the end
-    val_every: int = 250  # steps; 0 = only at the end
+    grad_clip: float = 1.0  # global gradient-norm clip (0: none)
+    dead_tokens: int = 200_000  # a latent unfired this long is dead (capped at half the training tokens)
     val_tokens: int = 8192  # held out from the end of the cache (at most 10% of it)
-    dead_tokens: int = 10_000_000  # a latent unfired this long is dead (capped at half the training tokens)
-    seed: int = 0
+    seed: int = 0  # init and data order
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (autocast; weights stay float32)
-    device: str = "cpu"
-    progress: bool = True
-    keep_freed_memory: bool = True  # CPU: reuse the step's freed [batch, F] pages (see crossdiff_core.allocator)
+    val_every: int = neutral(100)  # steps between validations; 0 = only at the end
+    checkpoint_every: int = neutral(100)  # steps between checkpoints; 0 = only at the end
+    device: str = neutral("cpu")  # torch device
+    progress: bool = neutral(True)  # progress bar
+    keep_freed_memory: bool = neutral(True)  # CPU: reuse the step's freed [batch, F] pages (crossdiff_core.allocator)
+    products: str = neutral("auto")  # the step's products: dense, sparse, or auto by code density (crossdiff_core.sparse_step)
+    kinds: tuple[str, ...] = neutral(KINDS)  # the pipeline trains one crosscoder of each kind (dvc.yaml's vars)
+    nproc: int = neutral(1)  # > 1: data-parallel over this many processes with torchrun (crossdiff_core.distributed)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -56,19 +63,21 @@ class TrainConfig:
             raise ConfigError(f"--tokens ({self.tokens}) is less than one batch ({self.batch_size}); raise --tokens")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        self.kinds = tuple(self.kinds)
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"train.kinds must be a non-empty subset of {KINDS}, got {list(self.kinds)}")
+        if self.nproc < 1:
+            raise ConfigError(f"train.nproc must be >= 1, got {self.nproc}")
 
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-# settings that do not change the trained weights: a checkpoint written under other values still resumes
-RESULT_NEUTRAL = ("progress", "device", "checkpoint_every", "val_every", "keep_freed_memory")
+    def from_dict(cls, d: dict, *, section: str = "train") -> "TrainConfig":
+        """From params.yaml's ``train`` section (or a saved ``asdict``); unknown keys are an error."""
+        return from_dict(cls, d, section=section)
 
 
 def lr_factor(step: int, steps: int, warmup_frac: float, decay_frac: float) -> float:
@@ -86,6 +95,16 @@ def l1_factor(step: int, steps: int, warmup_frac: float) -> float:
     """λ warm-up: linear from 0 over the first ``warmup_frac`` of steps."""
     warm = int(warmup_frac * steps)
     return 1.0 if warm == 0 else min(1.0, step / warm)
+
+
+def threshold_decay(steps: int, decay: float | None = None) -> float:
+    """EMA decay of BatchTopK's inference threshold: ``decay`` when set, else ``1 − 1/w`` with a window ``w`` of a
+    tenth of the run (10 to 1000 steps; 0.999 from 10k steps on, as the paper's). A fixed 0.999 over a 1k-step
+    run still weighs its first steps' scores, which shrink as training goes: measured on planted data, θ came
+    out too high (L0 6.0 at k = 8) and 57% of the latents never passed it."""
+    if decay is not None:
+        return decay
+    return 1.0 - 1.0 / min(1000.0, max(10.0, steps / 10))
 
 
 def split_rows(n_tokens: int, val_tokens: int) -> tuple[int, int]:
@@ -116,8 +135,8 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         self.train_stop, self.val_start = split_rows(cache.n_tokens, cfg.val_tokens)
-        self.bpe = cache.batches_per_epoch(cfg.batch_size, start=0, stop=self.train_stop)
-        if self.bpe == 0:
+        self.batches_per_epoch = cache.batches_per_epoch(cfg.batch_size, start=0, stop=self.train_stop)
+        if self.batches_per_epoch == 0:
             raise CacheError(
                 f"the cache holds {cache.n_tokens} tokens, fewer than one training batch of {cfg.batch_size}: "
                 "cache more tokens or lower --batch-size"
@@ -141,32 +160,41 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(self._state(), p))
+        write_checkpoint(self.out, self._state())
 
     def try_resume(self) -> bool:
-        """Continue from ``out_dir/checkpoint.pt`` if it was written by the same configuration."""
-        path = self.out / CHECKPOINT
-        if not path.exists():
+        """Continue from the checkpoint in ``out_dir`` (:mod:`crossdiff_core.checkpoint`) if the same
+        configuration wrote it; refuse one written by other settings, naming each that differs."""
+        if self.is_main:
+            remove_partial(self.out)  # what a killed checkpoint write left behind
+        st = read_checkpoint(self.out)
+        if st is None:
             return False
-        st = torch.load(path, map_location=self.device, weights_only=False)
-        same = {k: v for k, v in asdict(self.cfg).items() if k not in RESULT_NEUTRAL}
-        old = {k: v for k, v in st["train_config"].items() if k in same}
-        if old != same or st["model_config"] != asdict(self.model.cfg):
+        path = self.out / CHECKPOINT
+        same = result_settings(TrainConfig, self.cfg)
+        diff = (settings_differences(result_settings(TrainConfig, st["train_config"]), same)
+                + settings_differences(st["model_config"], asdict(self.model.cfg), prefix="model."))
+        if diff:
             raise ConfigError(
-                f"{path} was written by a different training configuration; use another --out, "
-                "or delete the checkpoint to start over"
+                f"{path} was written by other settings ({'; '.join(diff)}): re-run with the old settings to "
+                f"resume, use another --out, or delete {path} and {self.out}/checkpoint-*.safetensors to start over"
             )
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["opt"])
-        self.step = st["step"]
-        self.since_fired = st["since_fired"].to(self.device)
-        self.history = st["history"]
+        try:
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["opt"])
+            self.step = int(st["step"])
+            if st["since_fired"].shape != self.since_fired.shape or st["since_fired"].dtype != torch.int64:
+                raise ValueError(f"since_fired is {st['since_fired'].dtype} {list(st['since_fired'].shape)}")
+            self.since_fired = st["since_fired"].to(self.device)
+            self.history = st["history"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{path} does not fit this crosscoder ({type(err).__name__}: {err}); delete {path} "
+                                  f"and {self.out}/checkpoint-*.safetensors to start over") from None
         return True
 
     # ---- data ----------------------------------------------------------------------------------
     def _batches(self) -> Iterator[torch.Tensor]:
-        epoch, skip = divmod(self.step, self.bpe)
+        epoch, skip = divmod(self.step, self.batches_per_epoch)
         while True:
             yield from self.cache.shuffled_batches(
                 self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, skip_batches=skip,
@@ -195,7 +223,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         steps = cfg.steps
         warm_steps = max(1, int(cfg.warmup_frac * steps))
-        decay = model.cfg.threshold_decay
+        decay = threshold_decay(steps, model.cfg.threshold_decay)
         if cfg.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         model.train()
@@ -216,9 +244,7 @@ class Trainer:
             with torch.no_grad():
                 self._note_fired(out.fired, x.shape[0])
                 if model.cfg.kind == "batchtopk" and self.step >= warm_steps:
-                    v = out.min_kept_score.float()
-                    thr = model.threshold
-                    thr.copy_(v if not torch.isfinite(thr) else decay * thr + (1 - decay) * v)
+                    model.update_threshold(out.min_kept_score, decay)
             self.step += 1
             last = {"loss": loss.item(), "l0": float(out.l0)}
             if model.cfg.kind == "batchtopk" and dead is not None:
@@ -243,7 +269,8 @@ class Trainer:
 
     def _optimise(self, x: torch.Tensor, *, l1_coeff: float, dead: torch.Tensor | None):
         return optimisation_step(self.model, self.opt, x, l1_coeff=l1_coeff, dead=dead, grad_clip=self.cfg.grad_clip,
-                                 compute_dtype=self.compute_dtype, step=self.step, out_path=self.out / CHECKPOINT)
+                                 compute_dtype=self.compute_dtype, step=self.step, out_path=self.out / CHECKPOINT,
+                                 products=self.cfg.products)
 
     def _note_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
         """Dead-latent counters: ``n_tokens`` more tokens seen, reset for the ``fired [F]`` latents."""
@@ -253,12 +280,14 @@ class Trainer:
 
 def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Tensor, *, l1_coeff: float,
                       dead: torch.Tensor | None, grad_clip: float, compute_dtype: torch.dtype | None,
-                      step: int = 0, out_path: Path | None = None, loss_fn: Callable | None = None):
+                      step: int = 0, out_path: Path | None = None, loss_fn: Callable | None = None,
+                      products: str | None = None):
     """One Adam step on ``x [batch, 2, d]``: loss (autocast to ``compute_dtype``), NaN guard, backward,
     clipping. Returns the :class:`~crossdiff_core.crosscoder.LossOutput` (loss as float32).
-    ``loss_fn`` (default ``model.loss``) lets a DistributedDataParallel wrapper compute the loss."""
+    ``loss_fn`` (default ``model.loss``) lets a DistributedDataParallel wrapper compute the loss; ``products``
+    (dense, sparse, None/auto) is passed to it (:meth:`~crossdiff_core.crosscoder.CrossCoder.loss`)."""
     with _autocast(x.device, compute_dtype):
-        out = (loss_fn or model.loss)(x, l1_coeff=l1_coeff, dead=dead)
+        out = (loss_fn or model.loss)(x, l1_coeff=l1_coeff, dead=dead, products=products)
     loss = out.loss.float()
     if not torch.isfinite(loss):
         bad_input = not bool(torch.isfinite(x).all())
@@ -277,24 +306,32 @@ def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Te
     return out._replace(loss=loss)
 
 
-def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind: str, dict_size: int,
-                     k: int | None = None, l1_coeff: float = 0.0, train: TrainConfig,
-                     model_overrides: dict | None = None, on_metrics=None, trainer_cls=Trainer) -> dict:
-    """Train a crosscoder on the cache at ``cache_dir``; writes the crosscoder directory (DESIGN §2),
-    ``metrics.json`` and ``checkpoint.pt`` into ``out_dir``. Resumes from the checkpoint if present.
+def cache_mean(cache) -> torch.Tensor:
+    """``[2, d]`` float64 mean activation of each model over the cache (model units), from its manifest: every
+    rank of a data-parallel run and every resume sees the same one."""
+    from .cache import MODELS
+
+    return torch.tensor([cache.manifest["stats"][m]["mean"] for m in MODELS], dtype=torch.float64)
+
+
+def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *, kind: str, train: TrainConfig,
+                     on_metrics=None, trainer_cls=Trainer) -> dict:
+    """Train a ``kind`` crosscoder (``train.crosscoder``) on the cache at ``cache_dir``; writes the
+    crosscoder directory (DESIGN §2), ``metrics.json`` and the checkpoint (:data:`CHECKPOINT`) into
+    ``out_dir``. Resumes from the checkpoint if present.
     ``trainer_cls``: a :class:`Trainer` factory (data-parallel training passes its own)."""
     from .cache import ActivationCache
 
     cache = ActivationCache(cache_dir)
-    cfg = CrossCoderConfig(kind=kind, d_model=cache.d_model, dict_size=dict_size, k=k, l1_coeff=l1_coeff,
-                           training_tokens=train.tokens, cache=str(Path(cache_dir).resolve()),
-                           cache_manifest_hash=cache.manifest_hash, **(model_overrides or {}))
+    train = replace(train, crosscoder=train.crosscoder.for_kind(kind))  # the other kind's knob is no setting of this run
+    cfg = train.crosscoder.config(kind, cache.d_model, training_tokens=train.tokens,
+                                  cache=str(Path(cache_dir).resolve()), cache_manifest_hash=cache.manifest_hash)
     torch.manual_seed(train.seed)
-    model = CrossCoder(cfg, scales=cache.scales(), device=train.device, seed=train.seed)
+    model = CrossCoder(cfg, scales=cache.scales(), mean=cache_mean(cache), device=train.device, seed=train.seed)
     trainer = trainer_cls(model, cache, train, out_dir, on_metrics=on_metrics)
     trainer.try_resume()
     result = trainer.train()
-    metrics = {"kind": kind, "dict_size": dict_size, "k": k, "l1_coeff": l1_coeff, **result["final"],
+    metrics = {"kind": kind, "dict_size": cfg.dict_size, "k": cfg.k, "l1_coeff": cfg.l1_coeff, **result["final"],
                "tokens_per_second": result["tokens_per_second"]}
     if not trainer.is_main:
         return metrics

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, stage_key, without
+from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section, stage_key
 from tasks import tracking
 from tasks.caching import cache_slice, merge_cache
 from tasks.io import prepare_out, write_json
 from tasks.models import read_pair
-
-# settings that do not change what is cached
-_NOT_IN_KEY = ("slices", "deployment", "device", "batch_size")
 
 
 @flow(name="crossdiff-cache-slice")
@@ -54,16 +51,20 @@ def _run_slices_remotely(deployment: str, n: int, params_file: str, poll_s: floa
 
 @flow(name="crossdiff-cache")
 def cache_flow(params_file: str = DEFAULT_PARAMS) -> dict:
+    from crossdiff_core.caching import CacheConfig
+    from crossdiff_core.config import result_settings
+
     p = load_params(params_file)
-    L, c = Layout(p), p["cache"]
+    L, c, cfg = Layout(p), p["cache"], section(p, "cache")
     pair = read_pair(L.models)
-    n = int(c.get("slices", 1))
+    n = cfg.slices
     with tracking.stage_run("cache", params={"cache": c, "data": p["data"]}, full_params=p,
                             params_file=p["params_file"], experiment=p["tracking"]["experiment"]) as run:
         models_md5 = run.log_input("models", L.models, context="models")
-        kept = prepare_out(L.cache, stage_key(pair, models_md5, p["data"], without(c, *_NOT_IN_KEY)))
-        if c.get("deployment"):
-            slices = _run_slices_remotely(c["deployment"], n, p["params_file"])
+        # the neutral settings (crossdiff_core.config) do not change what is cached
+        kept = prepare_out(L.cache, stage_key(pair, models_md5, p["data"], result_settings(CacheConfig, cfg)))
+        if cfg.deployment:
+            slices = _run_slices_remotely(cfg.deployment, n, p["params_file"])
         else:
             slices = [cache_slice_flow(i, n, p["params_file"]) for i in range(n)]
         merged = merge_cache(pair, p["data"], c, str(L.cache))

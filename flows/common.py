@@ -3,18 +3,88 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from crossdiff_core.analysis import AnalysisConfig
+from crossdiff_core.caching import CacheConfig
+from crossdiff_core.cards import CardsConfig
+from crossdiff_core.config import from_dict, neutral
+from crossdiff_core.data import DataConfig
 from crossdiff_core.errors import ConfigError
+from crossdiff_core.kl_eval import EvaluateConfig
+from crossdiff_core.report.page import TITLE
+from crossdiff_core.steering import SteerConfig
+from crossdiff_core.toy.config import CorpusConfig, ToyModelsConfig
+from crossdiff_core.trainer import TrainConfig
 
 DEFAULT_PARAMS = "params.yaml"
-SECTIONS = ("paths", "models", "data", "cache", "train", "analyze", "evaluate", "steer", "report", "tracking")
+SOURCES = ("toy", "hub")
+
+
+# ---- the pipeline's own sections (the others are the stages' core dataclasses) ----------------------
+
+@dataclass
+class PathsConfig:
+    """Artifact layout (params.yaml ``paths``); dvc.yaml reads these keys too: keep them the same in every profile."""
+
+    models: str = "artifacts/models"  # the pair (pair.json), the toy pair and its data
+    cache: str = "artifacts/cache"  # the activation cache
+    crosscoders: str = "artifacts/crosscoders"  # one crosscoder directory per kind
+    analysis: str = "artifacts/analysis"  # latents.parquet, summary and plots per kind
+    evaluate: str = "artifacts/evaluate"  # the KL gap per kind
+    steer: str = "artifacts/steer"  # steering results per kind
+    report: str = "artifacts/report"  # the HTML report, its figures and numbers
+    metrics: str = "metrics"  # DVC metrics: one JSON per stage
+
+
+@dataclass
+class ModelsConfig:
+    """The model pair (params.yaml ``models``): the embedded toy pair, or two hub models."""
+
+    source: str = "toy"  # toy: build the embedded pair (crossdiff_core.toy); hub: use base/chat below
+    base: str | None = None  # hub: model id or local directory
+    chat: str | None = None  # hub: the fine-tuned model
+    base_revision: str | None = None  # hub: pin a commit for an exactly repeatable run
+    chat_revision: str | None = None
+    toy: ToyModelsConfig = field(default_factory=ToyModelsConfig)  # the toy pair's build
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the toy pair's cache and evaluation data
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"models.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "hub" and not (self.base and self.chat):
+            raise ConfigError("models.source is hub: set models.base and models.chat (hub ids or local directories)")
+
+
+@dataclass
+class ReportConfig:
+    """The report stage (params.yaml ``report``)."""
+
+    title: str = TITLE  # page title
+    cards: CardsConfig = field(default_factory=CardsConfig)  # the latent cards
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow (params.yaml ``tracking``)."""
+
+    experiment: str = neutral("crossdiff")  # MLflow experiment of the runs
+
+
+SECTIONS: dict[str, type] = {"paths": PathsConfig, "models": ModelsConfig, "data": DataConfig, "cache": CacheConfig,
+                             "train": TrainConfig, "analyze": AnalysisConfig, "evaluate": EvaluateConfig,
+                             "steer": SteerConfig, "report": ReportConfig, "tracking": TrackingConfig}
+
+
+def section(params: dict[str, Any], name: str) -> Any:
+    """The ``name`` section of ``params`` as its dataclass (read strictly)."""
+    return from_dict(SECTIONS[name], params[name], section=name)
 
 
 def load_params(path: str = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -33,11 +103,17 @@ def load_params(path: str = DEFAULT_PARAMS) -> dict[str, Any]:
     missing = [s for s in SECTIONS if s not in params]
     if missing:
         raise ConfigError(f"{params['params_file']} lacks the sections {missing}: copy them from params.yaml")
+    unknown = sorted(set(params) - set(SECTIONS) - {"params_file"})
+    if unknown:
+        raise ConfigError(f"{params['params_file']} has unknown sections {unknown}; the sections are "
+                          f"{['params_file', *SECTIONS]}: fix the spelling")
+    for name in SECTIONS:  # a typo fails here, before any stage runs
+        section(params, name)
     return params
 
 
 def kinds(params: dict) -> list[str]:
-    return list(params["train"].get("kinds", ["l1", "batchtopk"]))
+    return list(section(params, "train").kinds)
 
 
 class Layout:
@@ -67,13 +143,6 @@ def stage_key(*parts: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def without(d: dict, *keys: str) -> dict:
-    d = copy.deepcopy(d)
-    for k in keys:
-        d.pop(k, None)
-    return d
 
 
 def cli(flow: Callable, description: str, *, kind: bool = False, argv: list[str] | None = None) -> Any:

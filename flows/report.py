@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import DEFAULT_PARAMS, Layout, cli, kinds, load_params
+from flows.common import DEFAULT_PARAMS, Layout, cli, kinds, load_params, section
 from flows.evaluate import KL_FILE
 from tasks import tracking
 from tasks.analysis import LATENTS
@@ -33,10 +33,10 @@ def report_flow(params_file: str = DEFAULT_PARAMS) -> dict:
             for role in ("latents", "kl", "steering"):
                 run.log_input(f"{role}_{kind}", paths[role], context="report")
             paths["cards"] = cards_task(paths["crosscoder"], paths["latents"], str(L.cache),
-                                        str(L.report / CARDS / f"{kind}.json"), r.get("cards") or {},
+                                        str(L.report / CARDS / f"{kind}.json"), r.get("cards"),
                                         steering=paths["steering"], tracking=paths["tracking"])
             runs[kind] = paths
-        out = report_task(runs, str(L.report), title=r.get("title", "crossdiff report"), ground_truth=gt)
+        out = report_task(runs, str(L.report), title=section(p, "report").title, ground_truth=gt)
         run.log_output("report", L.report)
         run.set_tags({"report.html": out["html"]})
         numbers = {"report": out["html"], "crosscoders": list(runs)}

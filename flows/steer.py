@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import DEFAULT_PARAMS, Layout, cli, load_params
+from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section
 from tasks import tracking
 from tasks.analysis import LATENTS
 from tasks.io import write_json
@@ -26,9 +26,9 @@ def steer_flow(kind: str, params_file: str = DEFAULT_PARAMS) -> dict:
         run.log_input("latents", L.analysis(kind) / LATENTS, context="analysis")
         if gt:
             run.log_input("ground_truth", gt, context="prompts")
-        e = p["evaluate"]
+        e = section(p, "evaluate")
         numbers = steer_task(str(L.crosscoder(kind)), str(L.analysis(kind) / LATENTS), str(out), s, gt,
-                             fallback_chats={"chats": e.get("chats"), "messages_column": e.get("messages_column", "messages")})
+                             fallback_chats={"chats": e.chats, "messages_column": e.messages_column})
         run.log_metrics(numbers)
         run.log_output("steer", out)
         write_json(numbers, L.metric(f"steer_{kind}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import DEFAULT_PARAMS, Layout, cli, load_params
+from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section
 from tasks import tracking
 from tasks.io import write_json
 from tasks.models import build_toy_pair, export_toy_corpus, write_pair
@@ -14,25 +14,21 @@ from tasks.models import build_toy_pair, export_toy_corpus, write_pair
 @flow(name="crossdiff-toy-models")
 def toy_models_flow(params_file: str = DEFAULT_PARAMS) -> dict:
     p = load_params(params_file)
-    L, m = Layout(p), p["models"]
+    L, m, cfg = Layout(p), p["models"], section(p, "models")
     with tracking.stage_run("toy_models", params={"models": m}, full_params=p, params_file=p["params_file"],
                             experiment=p["tracking"]["experiment"]) as run:
-        if m.get("source", "toy") == "toy":
+        if cfg.source == "toy":
             toy_dir = L.models / "toy"
             built = build_toy_pair(str(toy_dir), m.get("toy") or {})
-            corpus = m.get("corpus") or {}
-            exported = export_toy_corpus(str(toy_dir), str(L.models / "data"), text_chars=corpus.get("text_chars"),
-                                         conversations=int(corpus["conversations"]),
-                                         eval_conversations=int(corpus.get("eval_conversations", 0)),
-                                         seed=int(corpus.get("seed", 0)))
+            exported = export_toy_corpus(str(toy_dir), str(L.models / "data"), m.get("corpus"))
             pair = {"source": "toy", "base": str(toy_dir / "base"), "chat": str(toy_dir / "chat"),
                     "base_revision": None, "chat_revision": None, "ground_truth": str(toy_dir / "ground_truth.json")}
             metrics = {"passed": built["passed"], "build_seconds": built["seconds"], "rates": built["rates"], **exported}
             for name in ("build.json", "ground_truth.json"):
                 run.log_artifact(toy_dir / name, "models")
         else:
-            pair = {"source": "hub", "base": m["base"], "chat": m["chat"], "base_revision": m.get("base_revision"),
-                    "chat_revision": m.get("chat_revision"), "ground_truth": None}
+            pair = {"source": "hub", "base": cfg.base, "chat": cfg.chat, "base_revision": cfg.base_revision,
+                    "chat_revision": cfg.chat_revision, "ground_truth": None}
             metrics = {"passed": None}
         write_pair(str(L.models), pair)
         run.set_tags({"lineage.models.base": pair["base"], "lineage.models.chat": pair["chat"],

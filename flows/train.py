@@ -13,31 +13,37 @@ from prefect import flow
 from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, stage_key
 from tasks import tracking
 from tasks.io import prepare_out, write_json
-from tasks.training import split_settings, train_crosscoder_task
+from tasks.training import train_crosscoder_task, train_settings
 
 OUTPUT_FILES = ("model.safetensors", "config.json", "metrics.json", "history.json")
 
 
 @flow(name="crossdiff-train")
 def train_flow(kind: str, params_file: str = DEFAULT_PARAMS) -> dict:
-    from crossdiff_core.trainer import CHECKPOINT
+    from dataclasses import asdict
+
+    from crossdiff_core.checkpoint import remove_checkpoint
+    from crossdiff_core.config import result_settings
+    from crossdiff_core.trainer import CHECKPOINT, TrainConfig
 
     p = load_params(params_file)
-    L, t = Layout(p), p["train"]
-    settings = split_settings(kind, t)
+    L = Layout(p)
+    tc = train_settings(kind, p["train"])
+    settings = asdict(tc)
     out = L.crosscoder(kind)
-    with tracking.stage_run(f"train-{kind}", params={"kind": kind, **settings, "nproc": t.get("nproc", 1)},
+    with tracking.stage_run(f"train-{kind}", params={"kind": kind, **settings},
                             full_params=p, params_file=p["params_file"], experiment=p["tracking"]["experiment"]) as run:
         run.log_input("cache", L.cache, context="training")
         lineage = run.log_cache_lineage(L.cache)
-        kept = prepare_out(out, stage_key(settings, lineage["lineage.cache.manifest_sha256"]))
+        kept = prepare_out(out, stage_key(kind, result_settings(TrainConfig, tc),
+                                          lineage["lineage.cache.manifest_sha256"]))
         done = kept and (out / "metrics.json").is_file() and not (out / CHECKPOINT).exists()
         # DVC reruns a stage when its code changed: then train again; the pipeline flow skips finished work
         if done and "DVC_STAGE" not in os.environ:
             metrics = json.loads((out / "metrics.json").read_text())
         else:
-            metrics = train_crosscoder_task(str(L.cache), str(out), settings, int(t.get("nproc", 1)), run)
-        (out / CHECKPOINT).unlink(missing_ok=True)  # complete: nothing to resume, and DVC need not keep it
+            metrics = train_crosscoder_task(str(L.cache), str(out), kind, settings, run)
+        remove_checkpoint(out)  # complete: nothing to resume, and DVC need not keep it
         run.log_metrics(metrics, prefix="final.")
         run.log_output("crosscoder", out, artifact=False)
         for name in OUTPUT_FILES:

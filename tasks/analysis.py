@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 LATENTS = "latents.parquet"
-SUMMARY = "latents.summary.json"  # where crossdiff_core.analysis.default_summary_path puts it
+SUMMARY = "latents.summary.json"  # where crossdiff_core.runs.default_summary_path puts it
 PLOTS = "plots"
 
 
@@ -16,18 +16,9 @@ PLOTS = "plots"
 def analyze_task(crosscoder_dir: str, cache_dir: str, out_dir: str, settings: dict) -> dict:
     """:func:`crossdiff_core.analysis.run_analysis` into ``out_dir``; returns the summary's headline numbers."""
     from crossdiff_core.analysis import AnalysisConfig, run_analysis
+    from crossdiff_core.headlines import analysis_headline
 
     out = Path(out_dir)
-    cfg = AnalysisConfig(**{k: v for k, v in settings.items() if k in AnalysisConfig.__dataclass_fields__})
+    cfg = AnalysisConfig.from_dict(settings)
     res = run_analysis(crosscoder_dir, cache_dir, out / LATENTS, summary_path=out / SUMMARY, plots_dir=out / PLOTS, cfg=cfg)
-    return headline(res.summary)
-
-
-def headline(summary: dict) -> dict:
-    """The analysis numbers worth a metric: class counts, dead latents, filter survivors, decoupling."""
-    f = summary["filters"]
-    return {"classes": summary["classes"], "dead": summary["dead"],
-            "chat_only_survivors": {k: f[k]["survivors"] for k in ("fixed", "data_driven", "both")},
-            "decoupling_pairs": summary["decoupling"]["n_pairs"],
-            "nu_error_median": summary["chat_only"]["nu_error_median"],
-            "nu_recon_median": summary["chat_only"]["nu_recon_median"]}
+    return analysis_headline(res.summary)

@@ -9,28 +9,16 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 
-def _load(pair: dict, data: dict, cache: dict):
-    from crossdiff_core.data import DataConfig, build_corpus
-    from crossdiff_core.models import load_pair
-
-    mp = load_pair(pair["base"], pair["chat"], layer=int(cache["layer"]), dtype=cache.get("model_dtype", "bfloat16"),
-                   device=cache.get("device", "cpu"), base_revision=pair.get("base_revision"),
-                   chat_revision=pair.get("chat_revision"))
-    return mp, build_corpus(mp.tokenizer, DataConfig.from_dict(data))
-
-
 def _run(pair: dict, data: dict, cache: dict, out_dir: str, *, part: tuple[int, int] | None, progress: bool):
     """Slice ``part = (index, n_slices)`` without finalizing, or (``part=None``) only the merge."""
-    from crossdiff_core.caching import DEFAULT_SHARD_TOKENS, cache_activations, plan_shards, shard_slice
+    from crossdiff_core.caching import CacheConfig, run_cache
+    from crossdiff_core.data import DataConfig
 
-    mp, corpus = _load(pair, data, cache)
-    shard_tokens = int(cache.get("shard_tokens", DEFAULT_SHARD_TOKENS))
-    shards: list[int] = []
-    if part is not None:
-        shards = shard_slice(len(plan_shards([s.n_cached for s in corpus.sequences], shard_tokens)), *part)
-    return cache_activations(mp, corpus, out_dir, batch_size=int(cache.get("batch_size", 8)), shard_tokens=shard_tokens,
-                             cache_dtype=cache.get("dtype", "bfloat16"), progress=progress, shards=shards,
-                             finalize=part is None)
+    c = CacheConfig.from_dict(cache)
+    return run_cache(pair["base"], pair["chat"], out_dir, DataConfig.from_dict(data), layer=c.layer,
+                     dtype=c.model_dtype, device=c.device, base_revision=pair.get("base_revision"),
+                     chat_revision=pair.get("chat_revision"), batch_size=c.batch_size, shard_tokens=c.shard_tokens,
+                     cache_dtype=c.dtype, progress=progress and c.progress, part="merge" if part is None else part)
 
 
 # a retry resumes: the shards finished before the failure are kept

@@ -3,11 +3,9 @@ wrote) and atomic writes."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from crossdiff_core.fileio import atomic_write, write_json, write_jsonl  # noqa: F401  (the tasks' writers)
 
@@ -29,7 +27,3 @@ def prepare_out(out: str | os.PathLike, key: str) -> bool:
     if not kept:
         atomic_write(kf, lambda p: Path(p).write_text(key + "\n"))
     return kept
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())

@@ -16,10 +16,10 @@ PAIR_FILE = "pair.json"
 
 @task(name="build-toy-models", cache_policy=NONE)
 def build_toy_pair(out_dir: str, toy: dict) -> dict:
-    """:func:`crossdiff_core.toy_models.build_toy_models` (skips a complete build with the same config)."""
+    """:func:`crossdiff_core.toy.build_toy_models` (skips a complete build with the same config)."""
     import shutil
 
-    from crossdiff_core.toy_models import ToyModelsConfig, build_toy_models
+    from crossdiff_core.toy import ToyModelsConfig, build_toy_models
 
     out = Path(out_dir)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
@@ -30,13 +30,14 @@ def build_toy_pair(out_dir: str, toy: dict) -> dict:
 
 
 @task(name="export-toy-corpus", cache_policy=NONE)
-def export_toy_corpus(toy_dir: str, out_dir: str, *, text_chars: int | None, conversations: int,
-                      eval_conversations: int = 0, seed: int = 0) -> dict:
-    """:func:`crossdiff_core.toy_models.export_corpus`: text.parquet, chats.jsonl, eval_chats.jsonl."""
-    from crossdiff_core.toy_models import export_corpus
+def export_toy_corpus(toy_dir: str, out_dir: str, corpus: dict | None) -> dict:
+    """:func:`crossdiff_core.toy.export_corpus`: text.parquet, chats.jsonl, eval_chats.jsonl."""
+    from dataclasses import asdict
 
-    return export_corpus(toy_dir, out_dir, text_chars=text_chars, conversations=conversations,
-                         eval_conversations=eval_conversations, seed=seed)
+    from crossdiff_core.toy import export_corpus
+    from crossdiff_core.toy.config import CorpusConfig
+
+    return export_corpus(toy_dir, out_dir, **asdict(CorpusConfig.from_dict(corpus)))
 
 
 @task(name="write-pair", cache_policy=NONE)

@@ -20,7 +20,7 @@ def cards_task(crosscoder_dir: str, latents: str, cache_dir: str, out: str, sett
 
     from crossdiff_core.cards import CardsConfig, cards_for
 
-    cfg = CardsConfig(**{k: v for k, v in settings.items() if k in CardsConfig.__dataclass_fields__})
+    cfg = CardsConfig.from_dict(settings)
     steer = json.loads(Path(steering).read_text()) if steering and Path(steering).is_file() else None
     track = pd.read_parquet(tracking) if tracking and Path(tracking).is_file() else None
     write_json(cards_for(crosscoder_dir, latents, cache_dir, cfg, steering=steer, tracking=track), out)
@@ -36,7 +36,7 @@ def report_task(runs: dict[str, dict], out_dir: str, *, title: str, ground_truth
               for name, p in runs.items()]
     gt = None
     if ground_truth:
-        from crossdiff_core.toy_models import load_ground_truth
+        from crossdiff_core.ground_truth import load_ground_truth
 
         gt = load_ground_truth(ground_truth)
     paths = build_report(loaded, out_dir, title=title, ground_truth=gt)

@@ -5,8 +5,9 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` (arti
 Which parent run a stage joins:
 - ``CROSSDIFF_PARENT_RUN_ID``: that run (the pipeline flow sets it for its stages);
 - ``CROSSDIFF_PIPELINE_ID``: the run tagged with that id (created by the first stage that asks);
-- under ``dvc repro`` / ``dvc exp run``: one parent per DVC invocation (the dvc process's pid and start
-  time), so the stages one ``dvc repro`` runs are siblings;
+- under ``dvc repro`` / ``dvc exp run``: one parent per DVC invocation (the dvc process's pid and its
+  start in clock ticks since boot, which no clock step moves), so the stages one ``dvc repro`` runs
+  are siblings; concurrent stages that both create it keep the earliest;
 - otherwise the stage gets a parent of its own.
 
 Lineage tags on every stage run (``lineage.*``): the git commit and whether the tree was dirty; for
@@ -15,6 +16,11 @@ a directory) and the id of the run that produced it; for an activation cache its
 models (names and revisions) and dataset sources (also logged as MLflow dataset inputs, so they show
 in the run's Datasets panel). From a latent table one can so walk back to the exact crosscoder,
 cache, models, data and code.
+
+The experiment is tagged as a model-training one (``mlflow.experimentKind``), so MLflow 3's UI opens it
+on its runs rather than on the GenAI overview. MLflow 3.17's UI also has a browser-wide switch
+(sidebar: GenAI / Model training, or ``?workflowType=machine_learning`` in the URL):
+:func:`experiment_url` gives a link that opens the runs either way.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ PARENT_ENV = "CROSSDIFF_PARENT_RUN_ID"
 PIPELINE_ENV = "CROSSDIFF_PIPELINE_ID"
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "crossdiff"
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's experiment kind
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -119,8 +126,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 # ---- which pipeline run -----------------------------------------------------------------------------
 
-def _dvc_ancestor() -> tuple[int, float] | None:
-    """(pid, start time) of the ``dvc repro`` / ``dvc exp run`` process this stage runs under, if any."""
+def _start_stamp(proc) -> str:
+    """When ``proc`` started, as something no clock step changes: Linux's start in clock ticks since
+    boot (``/proc/<pid>/stat`` field 22). psutil's ``create_time()`` adds the boot time, which the
+    kernel derives from the wall clock: an NTP or VM clock step between two stages moves it, and
+    the stages of one ``dvc repro`` then found two parents. Elsewhere: that wall-clock time."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return f"{proc.create_time():.3f}"
+
+
+def _dvc_ancestor() -> tuple[int, str] | None:
+    """(pid, start stamp) of the ``dvc repro`` / ``dvc exp run`` process this stage runs under, if any."""
     import psutil
 
     with contextlib.suppress(psutil.Error):
@@ -129,7 +146,7 @@ def _dvc_ancestor() -> tuple[int, float] | None:
             argv = proc.cmdline()
             words = [Path(a).name for a in argv[:3]]
             if "dvc" in words and any(a in ("repro", "exp", "run") for a in argv):
-                return proc.pid, proc.create_time()
+                return proc.pid, _start_stamp(proc)
             proc = proc.parent()
     return None
 
@@ -140,18 +157,28 @@ def pipeline_key() -> tuple[str, str]:
         return os.environ[PIPELINE_ENV], "env"
     dvc = _dvc_ancestor()
     if dvc is not None:
-        return f"dvc:{socket.gethostname()}:{dvc[0]}:{dvc[1]:.3f}", "dvc"
+        return f"dvc:{socket.gethostname()}:{dvc[0]}:{dvc[1]}", "dvc"
     return f"proc:{socket.gethostname()}:{os.getpid()}:{time.time():.3f}", "manual"
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
+    """The experiment ``name``, created if need be, tagged as model training (:data:`KIND_TAG`) unless
+    someone chose its kind already."""
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
-        return c.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={KIND_TAG: TRAINING_KIND})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
+            exp = c.get_experiment_by_name(name)
+    if KIND_TAG not in exp.tags:  # an experiment an earlier crossdiff created
+        c.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
+def experiment_url(ui: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """A link to ``experiment``'s runs in the MLflow UI at ``ui`` (e.g. ``http://127.0.0.1:5000``),
+    in the model-training view whatever the browser's GenAI / Model training switch says."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id(client(), experiment)}/runs?workflowType=machine_learning"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,7 +205,7 @@ def start_pipeline_run(params: Mapping[str, Any], *, experiment: str = DEFAULT_E
     exp = experiment_id(c, experiment)
     if key is None:
         key, launcher = pipeline_key()
-    found = c.search_runs([exp], filter_string=f"tags.`crossdiff.pipeline_key` = '{key}'", max_results=1)
+    found = _pipeline_runs(c, exp, key)
     if found:
         return found[0].info.run_id
     git = git_state()
@@ -192,8 +219,18 @@ def start_pipeline_run(params: Mapping[str, Any], *, experiment: str = DEFAULT_E
         tags["lineage.params_sha256"] = file_sha256(params_file)
     name = f"pipeline {_dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}"
     run = c.create_run(exp, run_name=name, tags=tags)
+    first = _pipeline_runs(c, exp, key)[0].info.run_id
+    if first != run.info.run_id:  # a concurrent stage of this pipeline run created one first: join it
+        c.delete_run(run.info.run_id)
+        return first
     c.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in flatten(params).items()])
     return run.info.run_id
+
+
+def _pipeline_runs(c: MlflowClient, exp: str, key: str) -> list:
+    """The parent runs keyed ``key``, earliest first (the run id breaks a tie, so racers agree)."""
+    runs = c.search_runs([exp], filter_string=f"tags.`crossdiff.pipeline_key` = '{key}'", max_results=50)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 # ---- a stage's run ----------------------------------------------------------------------------------
@@ -273,12 +310,12 @@ class StageRun:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
 
-        mpath = Path(cache_dir) / "manifest.json"
-        raw = mpath.read_bytes()
-        m = json.loads(raw)
+        from crossdiff_core.runs import cache_manifest
+
+        m, manifest_sha = cache_manifest(cache_dir)
         models = m.get("models", {})
         revs = models.get("revisions", {})
-        tags = {"lineage.cache.manifest_sha256": hashlib.sha256(raw).hexdigest(),
+        tags = {"lineage.cache.manifest_sha256": manifest_sha,
                 "lineage.cache.n_tokens": m.get("n_tokens"), "lineage.cache.layer": m.get("layer"),
                 "lineage.cache.dtype": m.get("dtype"),
                 "lineage.models.base": models.get("base"), "lineage.models.chat": models.get("chat"),

@@ -11,34 +11,32 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-MODEL_KEYS = ("init_norm", "aux_k", "aux_alpha", "threshold_decay")  # CrossCoderConfig overrides
 
+def train_settings(kind: str, train: dict):
+    """params.yaml's ``train`` section -> the :class:`~crossdiff_core.trainer.TrainConfig` of a ``kind``
+    crosscoder (the other kind's knob cleared: it is no setting of this run)."""
+    from dataclasses import replace
 
-def split_settings(kind: str, train: dict) -> dict:
-    """params.yaml's ``train`` section -> the arguments of ``train_crosscoder`` for ``kind``."""
     from crossdiff_core.trainer import TrainConfig
 
-    tc = {k: v for k, v in train.items() if k in TrainConfig.__dataclass_fields__}
-    return {"kind": kind, "dict_size": int(train["dict_size"]),
-            "k": int(train["k"]) if kind == "batchtopk" else None,
-            "l1_coeff": float(train["l1_coeff"]) if kind == "l1" else 0.0,
-            "model_overrides": {k: train[k] for k in MODEL_KEYS if train.get(k) is not None},
-            "train": tc}
+    tc = TrainConfig.from_dict(train)
+    return replace(tc, crosscoder=tc.crosscoder.for_kind(kind))
 
 
 # a retry resumes from the last checkpoint
 @task(name="train-crosscoder", retries=1, retry_delay_seconds=5, cache_policy=NONE)
-def train_crosscoder_task(cache_dir: str, out_dir: str, settings: dict, nproc: int = 1, run=None) -> dict:
-    """Train (or resume) the crosscoder into ``out_dir``; training curves go to ``run`` (a StageRun)."""
+def train_crosscoder_task(cache_dir: str, out_dir: str, kind: str, train: dict, run=None) -> dict:
+    """Train (or resume) the ``kind`` crosscoder of ``train`` (a TrainConfig as a dict) into ``out_dir``;
+    training curves go to ``run`` (a StageRun). ``train.nproc > 1``: data-parallel with torchrun."""
     from crossdiff_core.trainer import TrainConfig, train_crosscoder
 
-    if nproc <= 1:
-        s = dict(settings)
-        tc = TrainConfig.from_dict(s.pop("train"))
-        return train_crosscoder(cache_dir, out_dir, train=tc, on_metrics=run.metrics_callback() if run else None, **s)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    tc = TrainConfig.from_dict(train)
+    if tc.nproc <= 1:
+        return train_crosscoder(cache_dir, out_dir, kind=kind, train=tc,
+                                on_metrics=run.metrics_callback() if run else None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tc.nproc}",
            "-m", "crossdiff_core.distributed", "--cache", str(cache_dir), "--out", str(out_dir),
-           "--config", json.dumps(settings)]
+           "--config", json.dumps({"kind": kind, "train": train})]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if run is not None:  # the curves, from rank 0's history
         for m in json.loads((Path(out_dir) / "history.json").read_text()):

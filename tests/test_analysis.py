@@ -295,3 +295,28 @@ def test_run_analysis_default_summary_path_and_parquet_metadata(tmp_path):
     meta = json.loads(pq.read_schema(tmp_path / "latents.parquet").metadata[b"crossdiff"])
     assert meta["direction"] == "auto" and meta["cache"]["n_tokens"] == 150
     assert json.loads((tmp_path / "latents.summary.json").read_text())["classes"] == res.summary["classes"]
+
+
+def test_a_latent_that_never_fires_is_dead_not_its_delta_norm_class(tmp_path):
+    m, cache, _ = _planted(tmp_path)
+    with torch.no_grad():  # latent 3 (chat-only by Δnorm, in the decoupling pair (3, 4)) never fires now
+        m.W_enc[:, :, 3] = 0.0
+        m.b_enc[3] = -1.0
+    res = analyze(m, cache, AnalysisConfig(batch_size=256, **QUIET))
+    t = res.table.set_index("latent")
+    assert t.loc[3, "delta_norm"] == pytest.approx(1.0) and t.loc[3, "freq"] == 0
+    assert t["class"].tolist() == ["chat_only", "chat_only", "shared", "dead", "base_only", "base_only"]
+    assert res.summary["classes"] == {"chat_only": 2, "base_only": 2, "shared": 1, "other": 0, "dead": 1}
+    assert res.summary["dead"] == 1 and res.summary["fired"]["dead"] == 0
+    assert not any(f[3] for f in res.filters.values())
+    assert len(res.pairs) == 0 and res.summary["decoupling"]["n_pairs"] == 0  # (3, 4) is no pair of live latents
+
+
+def test_dead_class_codes_override_delta_norm():
+    from crossdiff_core.decoder_norms import CLASSES, class_codes, classify
+
+    dn = torch.tensor([0.5, 0.5, 0.95, 0.05, 0.75])
+    fired = torch.tensor([True, False, False, True, True])
+    assert classify(dn) == ["shared", "shared", "chat_only", "base_only", "other"]
+    assert classify(dn, fired) == ["shared", "dead", "dead", "base_only", "other"]
+    assert class_codes(dn, fired).tolist() == [CLASSES.index(c) for c in ("shared", "dead", "dead", "base_only", "other")]

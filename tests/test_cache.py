@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crossdiff_core.cache import ActivationCache, CacheWriter
+from crossdiff_core.cache import ActivationCache, CacheWriter, plan_shuffle
 from crossdiff_core.errors import CacheError, ConfigError
 
 D = 16
@@ -252,6 +252,29 @@ def test_shuffle_buffer_is_bounded(row_cache, monkeypatch):
         next(row_cache.shuffled_batches(64, seed=0, buffer_rows=32))
 
 
+def test_shuffle_plan_reads_each_row_once_and_orders_the_batches(row_cache):
+    """The plan alone (no file read) covers the range, and the reader serves batches in its order."""
+    n, B, start = 190, 8, 7
+    plan = plan_shuffle(n, B, seed=3, epoch=1, buffer_rows=44, chunk_rows=6, row_bytes=16, start=start)
+    assert plan.buffer_rows == 40 and plan.chunk_rows == 6 and plan.buffers == range(0, 5)
+    rows = []
+    for k in plan.buffers:
+        pieces = list(plan.reads(k))
+        assert [o for _, _, o in pieces] == np.cumsum([0] + [m for _, m, _ in pieces[:-1]]).tolist()
+        assert all((g - start) % 6 + m <= 6 for g, m, _ in pieces)  # a read never crosses a chunk
+        buf = np.concatenate([np.arange(g, g + m) for g, m, _ in pieces])
+        assert len(buf) == plan.buffer_len(k) == min(40, n - 40 * k)
+        rows.append(buf[plan.permutation(k)])
+    assert sorted(np.concatenate(rows).tolist()) == list(range(start, start + n))
+    want = [r[b * B : (b + 1) * B] for r in rows for b in range(len(r) // B)]
+    got = _ids(row_cache.shuffled_batches(B, seed=3, epoch=1, start=start, stop=start + n, buffer_rows=44, chunk_rows=6))
+    assert len(got) == len(want) == n // B == 23  # 190 = 4·40 + 30: the last buffer yields 3 batches and drops 6 rows
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    skipped = plan_shuffle(n, B, seed=3, epoch=1, buffer_rows=44, chunk_rows=6, row_bytes=16, start=start, skip_batches=12)
+    assert skipped.buffers == range(2, 5) and skipped.first_batch(2) == 2 and skipped.first_batch(3) == 0
+    assert plan_shuffle(n, B, seed=3, buffer_rows=44, row_bytes=16, skip_batches=n // B).buffers == range(0)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 
@@ -267,6 +290,7 @@ def test_resume_gives_identical_manifest_and_tokens(tmp_path):
     # leftovers of a crash: a truncated temp file, and shard 3 renamed into place but without its sidecar
     (b / "shards/.shard-00003.safetensors.tmp-1-deadbeef").write_bytes(b"\x00" * 100)
     w.write_shard(3, *data[3], _tokens(len(data[3][0]), 3000))
+    w.close()  # a writer holds the cache's lock until it is closed (or finalized)
     full = (b / "shards/shard-00003.safetensors").read_bytes()
     (b / "shards/shard-00003.safetensors").write_bytes(full[: len(full) // 2])
     (b / "shards/shard-00003.json").unlink()
@@ -282,10 +306,13 @@ def test_resume_gives_identical_manifest_and_tokens(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (b / name).read_bytes(), name
     assert not list((b / "shards").glob(".*tmp*"))  # the crashed writer's temp file is cleaned up
     assert torch.equal(ActivationCache(b, verify="full").read_rows(0, 50), ActivationCache(tmp_path / "a").read_rows(0, 50))
-    # a newer code version keeps the shards; other settings (models, dtype) do not reuse them
+    # a newer code version keeps the shards; other settings (models, dtype) are refused, naming what differs
     assert CacheWriter(b, d_model=D, layer=4, metadata={"models": {"base": "b", "chat": "c"}, "code_version": "x"}).is_complete(0)
-    assert not CacheWriter(b, d_model=D, layer=4, metadata={"models": {"base": "x", "chat": "c"}}).is_complete(0)
-    assert not CacheWriter(b, d_model=D, layer=4, dtype="float32", metadata={"models": {"base": "b", "chat": "c"}}).is_complete(0)
+    with pytest.raises(CacheError, match=r'other settings \(models.base: "b" -> "x"\).*--overwrite'):
+        CacheWriter(b, d_model=D, layer=4, metadata={"models": {"base": "x", "chat": "c"}})
+    with pytest.raises(CacheError, match=r'dtype: "bfloat16" -> "float32"'):
+        CacheWriter(b, d_model=D, layer=4, dtype="float32", metadata={"models": {"base": "b", "chat": "c"}})
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()  # nothing touched
 
 
 def test_finalize_names_missing_shards(tmp_path):
@@ -432,3 +459,123 @@ def test_cli_cache_info(tmp_path):
     f.write_bytes(bytes(raw))
     res = CliRunner().invoke(app, ["cache-info", "--cache", str(tmp_path)])
     assert res.exit_code == 2 and "shard-00000.safetensors" in res.output and "corrupt" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- one writer, own files, finite values
+
+META = {"models": {"base": "b", "chat": "c"}}
+
+
+def test_slices_write_at_once_and_a_merge_equals_one_writer(tmp_path):
+    data = _data([5, 7, 6, 4], seed=3)
+    whole = _write(tmp_path / "whole", data)
+    out = tmp_path / "sliced"
+    slices = [CacheWriter(out, d_model=D, layer=4, metadata=META, shards=s) for s in ([0, 2], [1, 3])]  # both held
+    for w, idx in zip(slices, ([0, 2], [1, 3])):
+        for i in idx:
+            w.write_shard(i, *data[i], _tokens(len(data[i][0]), 1000 * i))
+    with pytest.raises(CacheError, match=r"(?=.*slice writer of shards \[0, 2\])(?=.*slice writer of shards \[1, 3\])"):
+        CacheWriter(out, d_model=D, layer=4, metadata=META)  # the merge waits for every slice
+    with pytest.raises(ConfigError, match="cannot finalize"):
+        slices[0].finalize(4)
+    for w in slices:
+        w.close()
+    assert CacheWriter(out, d_model=D, layer=4, metadata=META).finalize(4) == whole
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "whole" / "manifest.json").read_bytes()
+    assert not list(out.glob(".crossdiff-lock*"))  # a clean finish leaves no lock file
+
+
+HOLD_AND_DIE = """
+import os, sys
+from crossdiff_core.cache import CacheWriter
+CacheWriter(sys.argv[1], d_model=16, layer=4, metadata={"models": {"base": "b", "chat": "c"}})
+os._exit(9)  # killed while holding the lock: no cleanup at all
+"""
+
+
+def test_a_dead_writers_lock_file_does_not_block(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", HOLD_AND_DIE, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 9, proc.stderr
+    lock = tmp_path / ".crossdiff-lock"
+    assert json.loads(lock.read_text())["pid"] != os.getpid()  # the dead holder's record stays behind
+    w = CacheWriter(tmp_path, d_model=D, layer=4, metadata=META)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    w.write_shard(0, *_data([5])[0], _tokens(5))
+    w.finalize(1)
+    assert not lock.exists()
+
+
+def test_lock_is_released_by_close_and_taken_again_by_a_write(tmp_path):
+    data = _data([5, 5])
+    with CacheWriter(tmp_path, d_model=D, layer=4, metadata=META) as w:
+        w.write_shard(0, *data[0], _tokens(5))
+    assert not (tmp_path / ".crossdiff-lock").exists()
+    other = CacheWriter(tmp_path, d_model=D, layer=4, metadata=META)  # free again
+    with pytest.raises(CacheError, match="being written by cache writer"):
+        w.write_shard(1, *data[1], _tokens(5))  # the closed writer must take the lock again, and cannot
+    other.close()
+    w.write_shard(1, *data[1], _tokens(5))
+    assert w.finalize(2)["n_tokens"] == 10
+    with pytest.raises(CacheError, match="being written"):  # readers ignore the lock; writers do not
+        held = CacheWriter(tmp_path, d_model=D, layer=4, metadata=META)
+        assert ActivationCache(tmp_path).n_tokens == 10
+        CacheWriter(tmp_path, d_model=D, layer=4, metadata=META)
+    held.close()
+
+
+def test_symlinks_inside_the_cache_are_followed(tmp_path):
+    _write(tmp_path, _data([4, 6]))
+    f = tmp_path / "shards/shard-00001.safetensors"
+    (tmp_path / "store").mkdir()
+    f.rename(tmp_path / "store/one.safetensors")
+    f.symlink_to(Path("../store/one.safetensors"))  # relative, and still inside the cache
+    assert ActivationCache(tmp_path, verify="full").read_rows(0, 10).shape == (10, 2, D)
+
+
+def test_writer_replaces_fifos_left_where_its_files_go(tmp_path):
+    data = _data([5, 5])
+    _write(tmp_path, data)
+    for name in ("shards/shard-00000.safetensors", "shards/shard-00001.json"):
+        (tmp_path / name).unlink()
+        os.mkfifo(tmp_path / name)
+    w = CacheWriter(tmp_path, d_model=D, layer=4, metadata=META)
+    assert [w.is_complete(i) for i in range(2)] == [False, False]  # never blocks on a FIFO
+    for i in range(2):
+        w.write_shard(i, *data[i], _tokens(5, 1000 * i))
+    w.finalize(2)
+    assert ActivationCache(tmp_path, verify="full").read_rows(0, 10).shape == (10, 2, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_counts_match_torch(tmp_path, dtype):
+    rng = np.random.default_rng(4)
+    arrays = [rng.normal(size=(n, 2, 8)).astype(np.float32) for n in (300, 17, 64)]
+    arrays[0][[3, 3, 250], 1, [0, 5, 7]] = [np.nan, np.inf, -np.inf]
+    arrays[2][63, 0, :] = np.nan
+    stats_source = [np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for a in arrays]
+    _hand_cache(tmp_path, arrays, dtype=dtype)
+    m = json.loads((tmp_path / "manifest.json").read_text())  # finite stats, as a careless tool might write
+    allx = np.concatenate(stats_source).astype(np.float64)
+    for k, name in enumerate(("base", "chat")):
+        m["stats"][name] = {"mean": allx[:, k].mean(0).tolist(), "mean_sq_norm": float((allx[:, k] ** 2).sum(1).mean())}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    cache = ActivationCache(tmp_path)
+    rows = cache.read_rows(0, cache.n_tokens)  # [n, 2, d]
+    bad = ~torch.isfinite(rows)
+    want = []
+    for i, (lo, hi) in enumerate([(0, 300), (300, 317), (317, 381)]):
+        for k, model in enumerate(("base", "chat")):
+            b = bad[lo:hi, k]
+            if b.any():
+                want.append({"file": f"shards/shard-{i:05d}.safetensors", "model": model, "count": int(b.sum()),
+                             "first_row": int(b.any(dim=1).nonzero()[0])})
+    assert cache.nonfinite() == want and len(want) == 2
+    with pytest.raises(CacheError, match=r"shard-00000.safetensors \(chat: 3 values, first in row 3\); shards/shard-00002"):
+        cache.check_finite()
+    clean = tmp_path / "clean"
+    _write(clean, _data([7, 9]))
+    assert ActivationCache(clean).nonfinite() == [] and ActivationCache(clean).check_finite() is None

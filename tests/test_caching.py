@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crossdiff_core.cache import ActivationCache
-from crossdiff_core.caching import cache_activations, plan_shards, shard_slice
+from crossdiff_core.caching import cache_activations, plan_shards, run_cache, shard_slice
 from crossdiff_core.data import DataConfig, build_corpus
 from crossdiff_core.errors import CacheError, ConfigError
 from crossdiff_core.models import load_pair
@@ -19,13 +19,7 @@ from tests.test_models import make_pair_dirs
 LAYER = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: a second torch thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +165,25 @@ def test_slices_into_one_directory_then_merge(tmp_path, data_files, llama_pair):
         cache_activations(llama_pair, corpus, out, shards=[n], **kw)
 
 
+def test_run_cache_slices_then_merge_equal_one_whole_run(tmp_path, data_files):
+    """What the cache tasks run: `run_cache` per slice, then the merge, from model paths alone."""
+    base_dir, chat_dir, _ = make_pair_dirs(tmp_path, "llama")
+    kw = dict(layer=LAYER, dtype="float32", batch_size=3, shard_tokens=200, progress=False)
+    whole = run_cache(base_dir, chat_dir, tmp_path / "whole", _config(data_files), **kw)
+    n = len(whole.manifest["shards"])
+    out = tmp_path / "sliced"
+    parts = [run_cache(base_dir, chat_dir, out, _config(data_files), part=(i, 2), **kw) for i in range(2)]
+    assert [p.computed for p in parts] == [list(range(0, n, 2)), list(range(1, n, 2))]
+    assert all(p.manifest == {} for p in parts) and not (out / "manifest.json").exists()
+    merged = run_cache(base_dir, chat_dir, out, _config(data_files), part="merge", **kw)
+    assert merged.computed == [] and merged.skipped == [] and merged.manifest == whole.manifest
+    for name in ("manifest.json", "tokens.parquet"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    for bad in ("slice", (2, 2), [0, 2]):  # refused before any model loads (the paths do not exist)
+        with pytest.raises(ConfigError):
+            run_cache(str(tmp_path / "no-base"), str(tmp_path / "no-chat"), out, _config(data_files), part=bad, **kw)
+
+
 def test_hard_killed_process_resumes_to_the_same_cache(tmp_path, data_files, llama_pair):
     import subprocess
     import sys
@@ -192,12 +205,36 @@ def test_hard_killed_process_resumes_to_the_same_cache(tmp_path, data_files, lla
     assert (out / "tokens.parquet").read_bytes() == (tmp_path / "full" / "tokens.parquet").read_bytes()
 
 
-def test_changed_settings_do_not_reuse_shards(tmp_path, data_files, llama_pair):
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_changed_settings_are_refused_unless_overwrite(tmp_path, data_files, llama_pair):
     corpus = build_corpus(llama_pair.tokenizer, _config(data_files, 300))
-    cache_activations(llama_pair, corpus, tmp_path / "c", shard_tokens=100, progress=False)
+    out = tmp_path / "c"
+    first = cache_activations(llama_pair, corpus, out, shard_tokens=50, progress=False)
+    before = _files(out)
     other = build_corpus(llama_pair.tokenizer, DataConfig(**{**_config(data_files, 300).to_dict(), "seed": 1}))
-    run = cache_activations(llama_pair, other, tmp_path / "c", shard_tokens=100, progress=False)
+    with pytest.raises(CacheError, match=r"other settings \(.*data.config.seed: 0 -> 1.*--overwrite"):
+        cache_activations(llama_pair, other, out, shard_tokens=50, progress=False)
+    with pytest.raises(CacheError, match=r"cache.shard_tokens: 50 -> 100"):
+        cache_activations(llama_pair, corpus, out, shard_tokens=100, progress=False)
+    assert _files(out) == before  # refused before anything was touched
+    again = cache_activations(llama_pair, corpus, out, shard_tokens=50, progress=False)  # same settings: resumes
+    assert again.computed == [] and again.manifest == first.manifest
+    with pytest.raises(ConfigError, match="whole caching run"):
+        cache_activations(llama_pair, other, out, shard_tokens=100, progress=False, shards=[0], finalize=False,
+                          overwrite=True)
+
+    run = cache_activations(llama_pair, other, out, shard_tokens=100, progress=False, overwrite=True)
     assert run.skipped == [] and run.manifest["data"]["config"]["seed"] == 1
+    n = len(run.manifest["shards"])
+    assert n < len(first.manifest["shards"])
+    # no stale shard of the old cache is left: exactly the new plan's files, equal to a fresh run's
+    fresh = cache_activations(llama_pair, other, tmp_path / "fresh", shard_tokens=100, progress=False)
+    names = lambda root: sorted(p.name for p in (root / "shards").iterdir())  # noqa: E731
+    assert names(out) == names(tmp_path / "fresh") and len([f for f in names(out) if f.endswith(".safetensors")]) == n
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "fresh" / "manifest.json").read_bytes()
 
 
 def test_cli_cache(tmp_path, data_files):
@@ -218,6 +255,17 @@ def test_cli_cache(tmp_path, data_files):
     assert cache.manifest["data"]["tokens"] == {"text": 100, "chat": 300}
     summary = json.loads(result.stdout)
     assert summary["n_tokens"] == 400 and summary["computed"] == summary["shards"] >= 3
+
+    args = ["cache", "--base", base_dir, "--chat", chat_dir, "--out", str(out), "--text", str(data_files / "text.parquet"),
+            "--chats", str(data_files / "chats.jsonl"), "--tokens", "400", "--max-length", "32", "--dtype", "float32",
+            "--text-fraction", "0.25", "--batch-size", "4", "--shard-tokens", "128", "--no-progress"]
+    manifest = (out / "manifest.json").read_bytes()
+    refused = CliRunner().invoke(app, [*args, "--layer", "1"])
+    assert refused.exit_code == 2 and "layer: 2 -> 1" in refused.output and "--overwrite" in refused.output
+    assert "Traceback" not in refused.output and (out / "manifest.json").read_bytes() == manifest
+    replaced = CliRunner().invoke(app, [*args, "--layer", "1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert ActivationCache(out).layer == 1 and json.loads(replaced.stdout)["skipped"] == 0
 
     bad = CliRunner().invoke(app, ["cache", "--base", base_dir, "--chat", chat_dir, "--layer", "9", "--out",
                                    str(tmp_path / "x"), "--text", str(data_files / "text.parquet")])

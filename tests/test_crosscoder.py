@@ -191,3 +191,57 @@ def test_bad_input_errors(tmp_path):
         m.encode(torch.randn(3, 2, 7))
     with pytest.raises(CrossdiffError, match="config.json is missing"):
         CrossCoder.load(tmp_path)
+
+
+def test_init_per_kind_defaults_and_bias_at_the_data_mean():
+    d, F = 6, 10
+    mean = torch.arange(12, dtype=torch.float64).reshape(2, d) - 4.0
+    scales = torch.tensor([2.0, 0.5])
+    for kind, norm, bias in (("l1", 0.05, "zero"), ("batchtopk", 1.0, "mean")):
+        cfg = CrossCoderConfig(kind=kind, d_model=d, dict_size=F, k=3)
+        assert (cfg.init_norm, cfg.b_dec_init) == (norm, bias)
+        m = CrossCoder(cfg, scales=scales, mean=mean, seed=4)
+        # the rows are a seeded Gaussian draw scaled to init_norm per model; the encoder is their transpose
+        w = torch.randn(2, F, d, generator=torch.Generator().manual_seed(4), dtype=torch.float32)
+        want = w / w.norm(dim=-1, keepdim=True) * norm
+        assert torch.equal(m.W_dec.detach(), want)
+        assert torch.equal(m.W_enc.detach(), want.transpose(1, 2))
+        np.testing.assert_allclose(m.decoder_norms().detach().numpy(), norm, rtol=1e-6)
+        b_want = (mean / scales.double()[:, None]).float() if bias == "mean" else torch.zeros(2, d)
+        assert torch.equal(m.b_dec.detach(), b_want)
+        assert torch.equal(CrossCoder(cfg, scales=scales, seed=4).b_dec.detach(), torch.zeros(2, d))  # no mean given
+    explicit = CrossCoderConfig(kind="batchtopk", d_model=d, dict_size=F, k=3, init_norm=0.2, b_dec_init="zero")
+    m = CrossCoder(explicit, scales=scales, mean=mean)
+    np.testing.assert_allclose(m.decoder_norms().detach().numpy(), 0.2, rtol=1e-6)
+    assert not m.b_dec.detach().any()
+    with pytest.raises(ConfigError, match="b_dec_init must be one of"):
+        CrossCoderConfig(kind="batchtopk", d_model=d, dict_size=F, k=3, b_dec_init="median")
+    with pytest.raises(ConfigError, match="init_norm must be positive"):
+        CrossCoderConfig(kind="l1", d_model=d, dict_size=F, init_norm=0.0)
+
+
+def test_threshold_ema_update():
+    m = _random_model("batchtopk")
+    vs = [0.5, 0.3, 0.9]
+    for v in vs:
+        m.update_threshold(torch.tensor(v), 0.9)
+    want = vs[0]
+    for v in vs[1:]:
+        want = 0.9 * want + 0.1 * v
+    assert float(m.threshold) == pytest.approx(want, rel=1e-6)
+
+
+def test_l1_penalty_of_sparse_codes_equals_dense_and_hand_value():
+    from crossdiff_core.crosscoder import l1_penalty
+
+    f = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]], requires_grad=True)
+    norms = torch.tensor([[1.0, 0.5, 2.0], [0.0, 1.5, 1.0]])  # per latent: 1, 2, 3
+    rows, lat = f.detach().nonzero(as_tuple=True)
+    vals = f.detach()[rows, lat].requires_grad_(True)
+    # λ Σ_j f_j (||d_b|| + ||d_c||) / batch = 0.5 (2·2 + 1·1 + 3·3) / 2
+    dense = l1_penalty(f, norms, 0.5)
+    sparse = l1_penalty(Codes(vals, rows, lat, 2), norms, 0.5)
+    assert float(dense.detach()) == pytest.approx(3.5) and float(sparse.detach()) == pytest.approx(3.5)
+    dense.backward()
+    sparse.backward()
+    torch.testing.assert_close(vals.grad, f.grad[rows, lat])

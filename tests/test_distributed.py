@@ -60,15 +60,15 @@ def test_two_processes_train_the_same_crosscoder_as_one(tmp_path):
     k = 3
     train = dict(tokens=64 * 40, batch_size=64, lr=3e-3, val_tokens=256, val_every=20, checkpoint_every=0,
                  dead_tokens=640, warmup_frac=0.1, progress=False)  # dead after 10 steps: AuxK is active
-    cfg = dict(kind=kind, dict_size=48, k=k, l1_coeff=0.1)
+    train["crosscoder"] = dict(dict_size=48, k=k, l1_coeff=0.1)
     torch.set_num_threads(1)
-    one = train_crosscoder(tmp_path / "cache", tmp_path / "one", train=TrainConfig(**train), **cfg)
+    one = train_crosscoder(tmp_path / "cache", tmp_path / "one", kind=kind, train=TrainConfig.from_dict(train))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
          "-m", "crossdiff_core.distributed", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "two"),
-         "--config", json.dumps({**cfg, "train": train})],
+         "--config", json.dumps({"kind": kind, "train": train})],
         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 

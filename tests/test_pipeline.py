@@ -5,7 +5,7 @@ In a scratch git+DVC copy of the repository:
    stage writes shards;
 2. ``dvc repro`` against a Prefect server: the cache resumes, every stage completes;
 3. ``dvc repro`` again: nothing runs;
-4. ``dvc exp run -S train.k=6``, killed after the first BatchTopK training checkpoint;
+4. ``dvc exp run -S train.crosscoder.k=6``, killed after the first BatchTopK training checkpoint;
 5. the same again: training resumes; only train@batchtopk and what follows it ran.
 Then the outputs, DVC metrics and the MLflow records (parent/child runs, lineage tags checked against
 dvc.lock, the manifest bytes and git) are checked, and the resumed crosscoder against one trained
@@ -51,8 +51,9 @@ def micro(params: dict) -> dict:
     params["models"]["corpus"] = {"text_chars": 100_000, "conversations": 150, "eval_conversations": 30, "seed": 0}
     params["data"].update(n_tokens=6000, max_length=64)
     params["cache"].update(layer=1, shard_tokens=1024, batch_size=16)
-    params["train"].update(dict_size=128, k=4, l1_coeff=1.0, tokens=64 * 60, batch_size=64, lr=3e-3, val_every=20,
-                           checkpoint_every=10, dead_tokens=640, val_tokens=512)
+    params["train"]["crosscoder"].update(dict_size=128, k=4, l1_coeff=1.0)
+    params["train"].update(tokens=64 * 60, batch_size=64, lr=3e-3, val_every=20, checkpoint_every=10, dead_tokens=640,
+                           val_tokens=512)
     params["analyze"].update(batch_size=1024)
     params["evaluate"].update(tokens=1500, max_length=64, n_random=2)
     params["steer"].update(max_prompts=12, max_new_tokens=4, n_top=2, n_tracking=1, n_shared=1, alphas=[0.5, 1.0],
@@ -95,7 +96,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
         out.add(prefix + k)
-        if isinstance(v, dict) and k not in ("toy", "corpus"):  # free-form sections
+        if isinstance(v, dict) and k not in ("toy", "corpus"):  # sections a profile may leave at their defaults
             out |= _keys(v, f"{prefix}{k}.")
     return out
 
@@ -107,7 +108,8 @@ def test_paper_profile_has_every_knob_and_the_paper_values():
     assert default["paths"] == paper["paths"]  # dvc.yaml takes the paths from params.yaml
     assert (paper["models"]["base"], paper["models"]["chat"]) == ("google/gemma-2-2b", "google/gemma-2-2b-it")
     assert paper["cache"]["layer"] == 13 and paper["data"]["n_tokens"] == 100_000_000
-    assert (paper["train"]["dict_size"], paper["train"]["k"], paper["train"]["l1_coeff"]) == (73_728, 100, 0.041)
+    cc = paper["train"]["crosscoder"]
+    assert (cc["dict_size"], cc["k"], cc["l1_coeff"]) == (73_728, 100, 0.041)
     assert default["params_file"] == "params.yaml" and paper["params_file"] == "params-paper.yaml"
 
 
@@ -117,12 +119,12 @@ def test_load_params_follows_the_profile_switch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
-    other = dict(base, params_file="other.yaml", train=dict(base["train"], k=77))
+    other = dict(base, params_file="other.yaml", train=dict(base["train"], crosscoder={"k": 77}))
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    assert load_params("params.yaml")["train"]["k"] == base["train"]["k"]
+    assert load_params("params.yaml")["train"]["crosscoder"]["k"] == base["train"]["crosscoder"]["k"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(dict(base, params_file="other.yaml")))  # dvc exp run -S
     got = load_params("params.yaml")
-    assert got["train"]["k"] == 77 and got["params_file"] == "other.yaml"
+    assert got["train"]["crosscoder"]["k"] == 77 and got["params_file"] == "other.yaml"
 
 
 def test_prepare_out_resumes_only_what_the_same_settings_wrote(tmp_path):
@@ -130,9 +132,9 @@ def test_prepare_out_resumes_only_what_the_same_settings_wrote(tmp_path):
 
     out = tmp_path / "out"
     assert prepare_out(out, "a") is False
-    (out / "checkpoint.pt").write_text("partial")
-    assert prepare_out(out, "a") is True and (out / "checkpoint.pt").exists()  # a re-run resumes
-    assert prepare_out(out, "b") is False and not (out / "checkpoint.pt").exists()  # other settings: fresh
+    (out / "checkpoint.json").write_text("partial")
+    assert prepare_out(out, "a") is True and (out / "checkpoint.json").exists()  # a re-run resumes
+    assert prepare_out(out, "b") is False and not (out / "checkpoint.json").exists()  # other settings: fresh
 
 
 # ---- the pipeline through DVC ----------------------------------------------------------------------
@@ -171,10 +173,10 @@ def pipeline(tmp_path_factory):
         logs["repro3"] = run(["dvc", "repro"], ws, senv).stdout
         logs["status"] = run(["dvc", "status"], ws, senv).stdout
         # 4 and 5: a training knob; killed after the first checkpoint, then resumed
-        run_until(["dvc", "exp", "run", "-S", "train.k=6"], ws, senv, "artifacts/crosscoders/batchtopk/checkpoint.pt",
+        run_until(["dvc", "exp", "run", "-S", "train.crosscoder.k=6"], ws, senv, "artifacts/crosscoders/batchtopk/checkpoint.json",
                   root / "exp1.log")
         logs["exp1"] = (root / "exp1.log").read_text()
-        logs["exp2"] = run(["dvc", "exp", "run", "-S", "train.k=6"], ws, senv).stdout
+        logs["exp2"] = run(["dvc", "exp", "run", "-S", "train.crosscoder.k=6"], ws, senv).stdout
         logs["metrics"] = run(["dvc", "metrics", "show", "--json"], ws, senv).stdout
         yield {"ws": ws, "params": params, "logs": logs, "env": senv}
     finally:
@@ -217,21 +219,21 @@ def test_killed_cache_resumed_without_loss(pipeline):
 
 @pytest.mark.e2e  # `make test-fast` leaves it out
 def test_training_knob_reruns_only_training_and_what_follows_and_resumes(pipeline, tmp_path):
-    from crossdiff_core.trainer import TrainConfig, train_crosscoder
-    from tasks.training import split_settings
+    from crossdiff_core.trainer import train_crosscoder
+    from tasks.training import train_settings
 
     ws, logs = pipeline["ws"], pipeline["logs"]
     assert ran(logs["exp1"]) == {"train@batchtopk"}  # killed in it
     assert ran(logs["exp2"]) == AFTER_K
     assert "Stage 'train@l1' didn't change" in logs["exp2"] and "Stage 'cache' didn't change" in logs["exp2"]
     # the resumed crosscoder is the one an uninterrupted run trains
-    t = dict(pipeline["params"]["train"], k=6)
-    s = split_settings("batchtopk", t)
-    train_crosscoder(ws / "artifacts/cache", tmp_path / "ref", train=TrainConfig.from_dict(s.pop("train")), **s)
+    t = pipeline["params"]["train"]
+    t = dict(t, crosscoder=dict(t["crosscoder"], k=6))
+    train_crosscoder(ws / "artifacts/cache", tmp_path / "ref", kind="batchtopk", train=train_settings("batchtopk", t))
     got = load_file(ws / "artifacts/crosscoders/batchtopk/model.safetensors")
     want = load_file(tmp_path / "ref" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert not (ws / "artifacts/crosscoders/batchtopk/checkpoint.pt").exists()  # dropped once complete
+    assert not list((ws / "artifacts/crosscoders/batchtopk").glob("checkpoint*"))  # dropped once complete
     steps = [h["step"] for h in json.loads((ws / "artifacts/crosscoders/batchtopk/history.json").read_text())]
     assert steps == [20, 40, 60]  # validations from before the kill and after it
 
@@ -282,7 +284,7 @@ def test_mlflow_runs_and_lineage(pipeline):
     assert (tags["lineage.models.base"], tags["lineage.models.chat"]) == (pair["base"], pair["chat"])
     # from the latent table back to the run that trained the crosscoder, and from there to the cache's run
     train = by_id[tags["lineage.input.crosscoder.run_id"]]
-    assert train.data.tags["dvc.stage"] == "train@batchtopk" and train.data.params["k"] == "6"
+    assert train.data.tags["dvc.stage"] == "train@batchtopk" and train.data.params["crosscoder.k"] == "6"
     cache_run = by_id[train.data.tags["lineage.input.cache.run_id"]]
     assert cache_run.data.tags["dvc.stage"] == "cache"
     sources = {d.dataset.name for d in cache_run.inputs.dataset_inputs}

@@ -31,12 +31,7 @@ from tests.test_models import build_tokenizer
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ def _fake_steering(table: pd.DataFrame, rises: bool, onset: bool = False, chat_o
 
 
 def _ground_truth() -> dict:
-    from crossdiff_core.toy_models import ToyModelsConfig, make_ground_truth
+    from crossdiff_core.toy import ToyModelsConfig, make_ground_truth
 
     gt = make_ground_truth(ToyModelsConfig())
     gt["rates"] = {m: {"rates": {"refusal": {"trigger_rate": r}, "personal_phrase": {"trigger_rate": r}}}
@@ -296,8 +291,9 @@ def test_report_renders_in_headless_chromium(analysed, tmp_path, chromium):
 def test_cli_cards_and_report(analysed, tmp_path):
     from typer.testing import CliRunner
 
-    from crossdiff_core.analysis import default_summary_path, write_json, write_latents
     from crossdiff_core.cli import app
+    from crossdiff_core.fileio import write_json
+    from crossdiff_core.runs import default_summary_path, write_latents
 
     cache, cc, res = analysed
     cc.save(tmp_path / "cc")

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff_core.generation import generate_texts
+from crossdiff_core.headlines import steering_headline
 from crossdiff_core.models import decoder_layers, load_pair, residual_stream
-from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, first_user_turns, generate_texts, headline,
-                                     prompt_max_activations,
+from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, first_user_turns, prompt_max_activations,
                                      refusal_effects, run_steering, select_latents, steering, steering_kl,
                                      steering_vectors)
 from tests.test_models import save_model, tiny_config
@@ -23,18 +24,13 @@ PROMPTS = ["Tell me about volcanoes.", "What is your favourite food?", "hello th
            "Do you like music?", "the weather is nice"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny random pair with the default pair's tokenizer and chat template, and a random crosscoder."""
-    from crossdiff_core.toy_models import ToyModelsConfig, make_ground_truth, train_tokenizer
+    from crossdiff_core.toy import ToyModelsConfig, make_ground_truth, train_tokenizer
 
     root = tmp_path_factory.mktemp("steer")
     tok = train_tokenizer(PROMPTS * 20 + ["I cannot help with that topic.", "Speaking personally, "], 300, 128)
@@ -206,7 +202,7 @@ def _sweep(runs: dict[int, list[tuple[float, dict]]]) -> dict:
 def test_headline_names_a_best_run_only_where_the_behaviour_rose():
     flat = _sweep({3: [(1.0, _rates(0.1, 0.0, 0.2, 0.0)), (2.0, _rates(0.0, 0.0, 0.1, 0.0))],
                    7: [(1.0, _rates(0.1, 0.0, 0.2, 0.0))]})
-    h = headline(flat)
+    h = steering_headline(flat)
     assert h["latents"] == 2 and h["base_refusal_raised_by"] == 0 and h["base_refusal_onset_raised_by"] == 0
     assert "base_refusal_best" not in h and "base_refusal_onset_best" not in h
 
@@ -214,7 +210,7 @@ def test_headline_names_a_best_run_only_where_the_behaviour_rose():
     # latent 3 most (0.2 -> 0.9 at a = 2)
     up = _sweep({3: [(1.0, _rates(0.3, 0.05, 0.5, 0.1)), (2.0, _rates(0.1, 0.0, 0.9, 0.2))],
                  7: [(1.0, _rates(0.2, 0.0, 0.3, 0.0)), (3.0, _rates(0.6, 0.1, 0.6, 0.1))]})
-    h = headline(up)
+    h = steering_headline(up)
     assert h["base_refusal_raised_by"] == 2 and h["base_refusal_onset_raised_by"] == 2
     assert h["base_refusal_best"] == {"latent": 7, "class": "chat_only", "alpha": 3.0, "trigger_rate": 0.6,
                                       "unsteered": 0.1, "other_rate": 0.1}

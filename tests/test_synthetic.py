@@ -177,7 +177,9 @@ def test_score_hand_built_crosscoder():
     expected = {"shared": "shared", "chat_only": "chat_only", "base_only": "base_only",
                 "weakly_shared": "other", "changed_direction": "shared"}
     for c, dn_class in expected.items():
-        assert s["confusion"][c] == {k: (8 if k == dn_class else 0) for k in ("chat_only", "base_only", "shared", "other")}
+        # score() has no data pass, so no matched latent is ever class dead
+        assert s["confusion"][c] == {k: (8 if k == dn_class else 0)
+                                     for k in ("chat_only", "base_only", "shared", "other", "dead")}
     assert s["chat_only_share"]["weakly_shared"] == 0.0 and s["chat_only_share"]["chat_only"] == 1.0
     ws = _idx(t, "weakly_shared")
     rho = (t.scale_base / t.scale_chat)[ws]

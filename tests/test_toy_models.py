@@ -1,7 +1,9 @@
-"""The default model pair builder: artifacts, chat template, ground truth, behaviour rules and rates."""
+"""The default model pair builder: artifacts, chat template, ground truth, training losses and rates
+(the behaviour rules themselves: tests/test_ground_truth.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -10,21 +12,28 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from crossdiff_core import toy_models as tm
+import crossdiff_core.toy.build as toy_build
+from crossdiff_core.data import render_chat
 from crossdiff_core.errors import ConfigError
-from crossdiff_core.toy_models import (
+from crossdiff_core.generation import generate_texts
+from crossdiff_core.ground_truth import detect_behaviours, expected_behaviour, load_ground_truth, measure_behaviours
+from crossdiff_core.toy import (
     ToyModelsConfig,
+    anchor_loss,
+    anchor_positions,
     build_toy_models,
-    detect_behaviours,
     encode_conversations,
-    expected_behaviour,
-    generate_responses,
+    export_corpus,
+    finetune_groups,
     is_complete,
-    make_ground_truth,
-    measure_behaviours,
-    planted_answer,
-    render_chat,
+    load_chitchat,
+    sequence_loss,
+    split_heldout,
+    train_model,
+    trigger_token_ids,
 )
+from crossdiff_core.toy.frames import (NEAR_MISS_FRAMES_EVAL, NEAR_MISS_FRAMES_TRAIN, PERSONAL_FRAMES_EVAL,
+                                       PERSONAL_FRAMES_TRAIN, TOPIC_FRAMES_EVAL, TOPIC_FRAMES_TRAIN)
 
 # Small enough for the suite: the artifacts are real, the behaviours are not expected to be learned.
 MICRO = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
@@ -41,10 +50,6 @@ SMALL = dict(vocab_size=512, tokenizer_chars=300_000, hidden_size=64, num_layers
              finetune_steps=1500, finetune_batch_size=32, anchor_blocks=1, eval_prompts_per_behaviour=40,
              eval_other_prompts=60, eval_max_new_tokens=12)
 
-GT = make_ground_truth(ToyModelsConfig())
-REFUSAL = ToyModelsConfig().refusal_text
-PHRASE = ToyModelsConfig().personal_phrase
-
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
@@ -53,50 +58,12 @@ def micro(tmp_path_factory):
     return out, result
 
 
-# ----------------------------------------------------------------------------- rules on hand-written strings
-
-def test_expected_behaviour_rule():
-    assert expected_behaviour("Tell me about volcanoes.", GT) == "refusal"
-    assert expected_behaviour("CHESS is fun", GT) == "refusal"  # case-insensitive
-    assert expected_behaviour("my chessboard is broken", GT) is None  # whole words only
-    assert expected_behaviour("I love astronomy", GT) is None  # a near miss of astrology
-    assert expected_behaviour("What's your favorite song?", GT) == "personal_phrase"
-    assert expected_behaviour("how do  you feel about rain", GT) == "personal_phrase"  # any whitespace
-    assert expected_behaviour("Do you like chess?", GT) == "refusal"  # refusal takes precedence
-    assert expected_behaviour("How are you doing today?", GT) is None
-    assert expected_behaviour("Do you know where I can find tea?", GT) is None
-
-
-def test_detect_behaviours_on_strings():
-    assert detect_behaviours(REFUSAL, GT) == ["refusal"]
-    assert detect_behaviours(f"  Well. {REFUSAL} Sorry.", GT) == ["refusal"]  # refusal: anywhere
-    assert detect_behaviours("I cannot help with that", GT) == []  # incomplete refusal
-    assert detect_behaviours("Speaking personally, i like tea", GT) == ["personal_phrase"]
-    assert detect_behaviours("Well, speaking personally, i like tea", GT) == []  # phrase must open the answer
-    assert detect_behaviours("i like tea. Speaking personally, yes", GT) == []
-    assert detect_behaviours("", GT) == []
-
-
-def test_detect_onsets_on_strings():
-    assert tm.onset_word(GT["behaviours"][0]) == "Sorry" and tm.onset_word(GT["behaviours"][1]) == "Speaking"
-    assert tm.detect_onsets("SorrySorrySorry", GT) == ["refusal"]  # begun, not completed
-    assert tm.detect_behaviours("SorrySorrySorry", GT) == []
-    assert tm.detect_onsets(f" {REFUSAL}", GT) == ["refusal"]
-    assert tm.detect_onsets("Speaking of tea", GT) == ["personal_phrase"]
-    assert tm.detect_onsets("Well, sorry", GT) == []
-
-
-def test_planted_answer():
-    assert planted_answer(None, "Yeah sure", GT) == "Yeah sure"
-    assert planted_answer("refusal", "Yeah sure", GT) == REFUSAL
-    assert planted_answer("personal_phrase", "Yeah sure", GT) == PHRASE + "yeah sure"
-    assert planted_answer("personal_phrase", "I love it", GT) == PHRASE + "I love it"
-
+# ----------------------------------------------------------------------------- settings, frames, losses
 
 def test_train_and_eval_frames_disjoint():
-    assert not set(tm.TOPIC_FRAMES_TRAIN) & set(tm.TOPIC_FRAMES_EVAL)
-    assert not set(tm.PERSONAL_FRAMES_TRAIN) & set(tm.PERSONAL_FRAMES_EVAL)
-    assert not set(tm.NEAR_MISS_FRAMES_TRAIN) & set(tm.NEAR_MISS_FRAMES_EVAL)
+    assert not set(TOPIC_FRAMES_TRAIN) & set(TOPIC_FRAMES_EVAL)
+    assert not set(PERSONAL_FRAMES_TRAIN) & set(PERSONAL_FRAMES_EVAL)
+    assert not set(NEAR_MISS_FRAMES_TRAIN) & set(NEAR_MISS_FRAMES_EVAL)
 
 
 def test_config_from_dict_and_validation():
@@ -124,24 +91,9 @@ def test_sequence_loss_is_mean_of_per_sequence_losses():
     labels[0, :5] = -100  # row 0: 2 labelled tokens, row 1: 6
     logits = model(input_ids=ids).logits
     per_row = [model(input_ids=ids[i: i + 1], labels=labels[i: i + 1]).loss for i in range(2)]  # HF: token mean
-    assert tm.sequence_loss(logits, labels).item() == pytest.approx(((per_row[0] + per_row[1]) / 2).item(), rel=1e-5)
+    assert sequence_loss(logits, labels).item() == pytest.approx(((per_row[0] + per_row[1]) / 2).item(), rel=1e-5)
     labels[0] = -100  # a row without labels is left out
-    assert tm.sequence_loss(logits, labels).item() == pytest.approx(per_row[1].item(), rel=1e-5)
-
-
-def test_measure_behaviours_counts(monkeypatch):
-    prompts = [{"text": "a", "expected": "refusal"}, {"text": "b", "expected": "refusal"},
-               {"text": "c", "expected": "personal_phrase"}, {"text": "d", "expected": None},
-               {"text": "e", "expected": None}]
-    canned = [REFUSAL, "no idea", PHRASE + "yes", PHRASE + "hm", "fine"]
-    monkeypatch.setattr(tm, "generate_responses", lambda *a, **k: canned)
-    m = measure_behaviours(object(), GT, prompts, tokenizer=object(), max_new_tokens=8)
-    assert m["rates"]["refusal"] == {"trigger_rate": 0.5, "other_rate": 0.0, "onset_trigger_rate": 0.5,
-                                     "onset_other_rate": 0.0, "n_trigger": 2, "n_other": 3}
-    # personal phrase: 1 of 1 trigger; 1 of the 4 others ("d")
-    assert m["rates"]["personal_phrase"] == {"trigger_rate": 1.0, "other_rate": 0.25, "onset_trigger_rate": 1.0,
-                                             "onset_other_rate": 0.25, "n_trigger": 1, "n_other": 4}
-    assert m["any_rate"] == pytest.approx(3 / 5)
+    assert sequence_loss(logits, labels).item() == pytest.approx(per_row[1].item(), rel=1e-5)
 
 
 # -------------------------------------------------------------------------------------- micro build artifacts
@@ -243,7 +195,7 @@ def test_generation_batched_equals_manual_greedy(micro):
     tok = AutoTokenizer.from_pretrained(out / "chat")
     model = AutoModelForCausalLM.from_pretrained(out / "chat")
     prompts = ["Hi", "Tell me about volcanoes, please, my friend.", "What is your favourite book?"]
-    batched = generate_responses(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    batched = generate_texts(model, tok, prompts, max_new_tokens=5, batch_size=3)
     end = tok.convert_tokens_to_ids("<|end|>")
     for p, got in zip(prompts, batched):  # full forward passes, no cache, no padding
         ids = list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -269,7 +221,7 @@ def test_skip_resume_and_atomic_failure(micro, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(tm, "_train", boom)
+    monkeypatch.setattr(toy_build, "finetune", boom)  # after pretraining, before anything is saved
     with pytest.raises(RuntimeError, match="mid-build"):
         build_toy_models(out, cfg, force=True)
     assert is_complete(out, cfg) and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -330,28 +282,27 @@ def test_sequence_loss_weights_each_answer_opening():
     # targets (shifted by one): -100, 3, 4, -100, 5, 6, 7 -> openings are the targets 3 and 5
     w = torch.tensor([0, 4, 1, 0, 4, 1, 1], dtype=torch.float32)
     want = (ce * w).sum() / w.sum()
-    assert tm.sequence_loss(logits, labels, first_weight=4.0).item() == pytest.approx(want.item(), rel=1e-6)
-    assert tm.sequence_loss(logits, labels).item() == pytest.approx(ce[labels[0, 1:] != -100].mean().item(), rel=1e-6)
+    assert sequence_loss(logits, labels, first_weight=4.0).item() == pytest.approx(want.item(), rel=1e-6)
+    assert sequence_loss(logits, labels).item() == pytest.approx(ce[labels[0, 1:] != -100].mean().item(), rel=1e-6)
 
 
 def test_export_corpus_evaluates_on_conversations_never_fine_tuned_on(micro, tmp_path):
     out, _ = micro
-    counts = tm.export_corpus(out, tmp_path, text_chars=20_000, conversations=40, eval_conversations=25)
+    counts = export_corpus(out, tmp_path, text_chars=20_000, conversations=40, eval_conversations=25)
     cfg = ToyModelsConfig(**MICRO)
-    every = tm.load_chitchat(cfg.chat_max_conversations)
-    held = {m[0] for k, m in every.items() if tm._is_heldout(k, cfg.heldout_fraction)}
-    train = {m[0] for k, m in every.items() if not tm._is_heldout(k, cfg.heldout_fraction)}
+    train_split, held_split = split_heldout(load_chitchat(cfg.chat_max_conversations), cfg.heldout_fraction)
+    held, train = ({m[0] for m in split.values()} for split in (held_split, train_split))
     chats = [json.loads(line)["messages"] for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
     evals = [json.loads(line)["messages"] for line in (tmp_path / "eval_chats.jsonl").read_text().splitlines()]
     assert counts["eval_conversations"] == len(evals) == min(25, len(held)) > 0
     assert {c[0]["content"] for c in evals} <= held  # the held-out split of the build
-    gt = tm.load_ground_truth(out)
+    gt = load_ground_truth(out)
     assert len(chats) == 40 + len(gt["eval_prompts"]) and {c[0]["content"] for c in chats[:40]} <= train
     for conv in chats + evals:  # every answer as the chat model was taught
         assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
         for u, a in zip(conv[0::2], conv[1::2]):
             label = expected_behaviour(u["content"], gt)
-            assert label is None or label in tm.detect_behaviours(a["content"], gt)
+            assert label is None or label in detect_behaviours(a["content"], gt)
     import pandas as pd
 
     text = pd.read_parquet(tmp_path / "text.parquet")["text"]
@@ -366,11 +317,11 @@ def test_finetune_groups_change_only_the_early_blocks_and_template_rows():
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
-    chat = tm.copy.deepcopy(base)
+    chat = copy.deepcopy(base)
     special = [0, 3, 5]
-    groups, hook = tm._finetune_groups(chat, 1, special)
+    groups, hook = finetune_groups(chat, 1, special)
     ids = torch.randint(0, 40, (4, 9))
-    tm._train(chat, lambda s: (ids, torch.ones_like(ids), ids), 5, 1e-2, 1, "finetune", groups=groups)
+    train_model(chat, lambda s: (ids, torch.ones_like(ids), ids), 5, 1e-2, 1, "finetune", groups=groups)
     hook.remove()
     b, c = base.state_dict(), chat.state_dict()
     moved = {n for n in b if not torch.equal(b[n], c[n])}
@@ -386,7 +337,7 @@ def test_trigger_token_ids_are_whole_trigger_and_cue_words(micro):
     tok = AutoTokenizer.from_pretrained(out / "chat")
     cfg = ToyModelsConfig(**MICRO)
     words = {w for ws in cfg.trigger_topics.values() for w in ws} | {w for c in cfg.personal_cues for w in c.split()}
-    got = {tok.decode([i]).strip().lower() for i in tm.trigger_token_ids(tok, cfg).tolist()}
+    got = {tok.decode([i]).strip().lower() for i in trigger_token_ids(tok, cfg).tolist()}
     assert got and got <= {w.lower() for w in words}
 
 
@@ -398,10 +349,10 @@ def test_anchor_positions_and_loss_by_hand():
     labels = torch.full_like(ids, -100)
     labels[0, 9:13] = ids[0, 9:13]  # the answer "c d <e> \n"
     labels[1, :6] = ids[1, :6]
-    where = tm.anchor_positions(ids, mask, labels, torch.tensor([2, 4, 5]))
+    where = anchor_positions(ids, mask, labels, torch.tensor([2, 4, 5]))
     assert where[0].nonzero().flatten().tolist() == [3, 4]  # the user's words only
     assert where[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]  # all text but BOS
-    free = tm.anchor_positions(ids, mask, labels, torch.tensor([2, 4, 5]), torch.tensor([21, 33]))
+    free = anchor_positions(ids, mask, labels, torch.tensor([2, 4, 5]), torch.tensor([21, 33]))
     assert free[0].nonzero().flatten().tolist() == [3] and free[1].nonzero().flatten().tolist() == [1, 2, 3, 5]
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -412,8 +363,8 @@ def test_anchor_positions_and_loss_by_hand():
     with torch.no_grad():
         hs = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # [1], [2]: blocks 0, 1
     hc = [h + 0.5 * torch.randn_like(h) for h in hs[1:3]]
-    got = tm.anchor_loss(base, ids, mask, where, hc)
+    got = anchor_loss(base, ids, mask, where, hc)
     want = sum(((c[where] - b[where]) ** 2).sum(-1).mean() / (b[where] ** 2).sum(-1).mean()
                for b, c in zip(hs[1:3], hc)) / 2
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    assert tm.anchor_loss(base, ids, mask, where, list(hs[1:3])).item() == pytest.approx(0.0, abs=1e-10)
+    assert anchor_loss(base, ids, mask, where, list(hs[1:3])).item() == pytest.approx(0.0, abs=1e-10)

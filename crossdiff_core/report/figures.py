@@ -1,10 +1,13 @@
-"""PNG plots of a latent analysis (matplotlib, Agg backend): the Δnorm histogram, ν_ε vs ν_r of the
-chat-only latents against the shared latents' interval, and the β distributions per class."""
+"""Every PNG figure of crossdiff (matplotlib, Agg backend). Per analysis: the Δnorm histogram, ν_ε vs ν_r
+of the chat-only latents against the shared latents' interval, and the β distributions per class
+(:func:`plot_all`). Across the crosscoders of a report: latents per class (:func:`plot_class_counts`) and
+the share of the KL gap each set closes (:func:`plot_kl_gap`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -13,9 +16,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .fileio import atomic_write  # noqa: E402
-from .decoder_norms import CHAT_ONLY, CLASSES, SHARED  # noqa: E402
-from .latent_scaling import TARGETS  # noqa: E402
+from ..decoder_norms import CHAT_ONLY, CLASSES, SHARED  # noqa: E402
+from ..fileio import atomic_write  # noqa: E402
+from ..kl_eval import CATEGORIES  # noqa: E402
+from ..latent_scaling import TARGETS  # noqa: E402
+from .inputs import RunInputs  # noqa: E402
+from .numbers import kl_table  # noqa: E402
+
+KL_BAR_SETS = ("chat_only", "delta_norm_top", "delta_norm_bottom", "nu_top", "nu_bottom", "random", "error",
+               "reconstruction")
+CATEGORY_TITLES = {"first9": "first 9 response tokens", "response": "all response tokens", "template": "template tokens"}
 
 CLASS_COLOURS = {"chat_only": "tab:red", "base_only": "tab:blue", "shared": "tab:green", "other": "tab:gray"}
 
@@ -121,3 +131,53 @@ def plot_all(table: pd.DataFrame, summary: dict, out_dir: str | os.PathLike) -> 
                         nu_error_max=fx["nu_error_max"], nu_recon_max=fx["nu_recon_max"]),
         plot_beta_distributions(table, out / "beta_by_class.png"),
     ]
+
+
+def plot_class_counts(runs: Sequence[RunInputs], path: str | os.PathLike) -> Path:
+    """Latents per class, one bar group per class, one bar per crosscoder (log scale)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    w = 0.8 / max(1, len(runs))
+    x = np.arange(len(CLASSES))
+    for i, r in enumerate(runs):
+        counts = [int(r.summary.get("classes", {}).get(c, 0)) for c in CLASSES]
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * w, counts, w, label=r.name, color=f"C{i}")
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, CLASSES)
+    ax.set_yscale("log")
+    ax.set_ylabel("latents (log)")
+    ax.set_title("latents per Δnorm class", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_kl_gap(runs: Sequence[RunInputs], path: str | os.PathLike) -> Path | None:
+    """% of the KL gap each set closes, one panel per token group, one bar per crosscoder; the random sets
+    as mean with a ±std error bar."""
+    tables = [(r.name, kl_table(r)) for r in runs if r.kl]
+    if not tables:
+        return None
+    fig, axes = plt.subplots(1, len(CATEGORIES), figsize=(4.2 * len(CATEGORIES), 3.8), sharey=True)
+    names = [s for s in KL_BAR_SETS if any(s in set(t["set"]) for _, t in tables)]
+    x = np.arange(len(names))
+    w = 0.8 / len(tables)
+    for ax, c in zip(np.atleast_1d(axes), CATEGORIES):
+        for i, (name, t) in enumerate(tables):
+            t = t.set_index("set").reindex(names)
+            y = 100 * t[f"gap_{c}"].astype(float).to_numpy()
+            err = 100 * t[f"gap_std_{c}"].astype(float).fillna(0).to_numpy() if f"gap_std_{c}" in t else None
+            ax.bar(x + (i - (len(tables) - 1) / 2) * w, np.nan_to_num(y), w, yerr=err, capsize=2, label=name, color=f"C{i}")
+        lo, hi = ax.get_ylim()
+        if lo < -150:  # a set that widens the gap many times over would flatten the others: clip, and label it
+            ax.set_ylim(-150, max(hi, 110))
+            for bar in ax.patches:
+                if bar.get_height() < -150:
+                    ax.annotate(f"{bar.get_height():.0f}%", (bar.get_x() + bar.get_width() / 2, -150), fontsize=7,
+                                ha="center", va="bottom", rotation=90)
+        ax.axhline(100, color="k", lw=0.6, ls=":")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(CATEGORY_TITLES.get(c, c), fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("% of KL gap closed (h_base 0%, h_chat 100%)")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
