@@ -28,7 +28,7 @@ timeout 180 "$PY" -m pytest -q -rs -m "not e2e" -k cuda tests/
 echo "== 2. paper-shape step (d=2304 F=73728 k=100, AuxK on 10% dead), dense vs sparse"
 for dtype in float32 bfloat16; do
     echo "-- ${dtype}"
-    timeout 200 "$PY" bench/paper_scale.py --device cuda --dtype "${dtype}" --rounds 2 \
+    timeout 280 "$PY" bench/paper_scale.py --device cuda --dtype "${dtype}" --rounds 1 \
         --steps 5 --paper-steps 3 --paper-dense-batch 2048
 done
 

@@ -4,7 +4,7 @@ For each configuration (d, F, B, k, products) it runs full BatchTopK training st
 10% dead latents, backward, clipping, Adam) on an in-memory batch, each configuration in a fresh
 process (peak RSS from ``/proc/self/status`` VmHWM, or the CUDA allocator's peak), modes alternated over
 ``--rounds`` rounds, best kept. The limit is the best rate, in the same process, of GEMMs shaped like the
-step's own products (``[B,2d]×[2d,F']``, ``[B,F']×[F',2d]``, ``[2d,B]×[B,F']`` with ``F' = min(F, 8192)``),
+step's own products (``[B,2d]×[2d,F']``, ``[B,F']×[F',2d]``, ``[2d,B]×[B,F']`` with ``F' = min(F, 4096)``),
 turned into tokens/s for the reference cost of 24·d·F FLOPs a token. One instrumented step times
 Adam's pass (and the clipping) on their own.
 
@@ -51,9 +51,9 @@ def _peak_gib(device: torch.device) -> float:
     return float("nan")
 
 
-def gemm_rate(d: int, F: int, B: int, dtype: torch.dtype, device: torch.device, reps: int = 3) -> float:
-    """Best FLOP/s of the three product shapes of a dense step (F cut to 8192 columns)."""
-    Fs = min(F, 8192)
+def gemm_rate(d: int, F: int, B: int, dtype: torch.dtype, device: torch.device, reps: int = 2) -> float:
+    """Best FLOP/s of the three product shapes of a dense step (F cut to 4096 columns)."""
+    Fs = min(F, 4096)
     X = torch.randn(B, 2 * d, device=device).to(dtype)
     W = torch.randn(2 * d, Fs, device=device).to(dtype)
     G = torch.randn(B, Fs, device=device).to(dtype)
@@ -112,7 +112,7 @@ def child(spec: dict) -> dict:
     _sync(device)
     t2 = time.perf_counter()
     return {"step_s": min(times), "clip_s": t1 - t0, "adam_s": t2 - t1, "limit": limit,
-            "peak_gib": _peak_gib(device), "l0": float(out.l0), "aux": float(out.aux)}
+            "peak_gib": _peak_gib(device), "l0": float(out.l0), "aux": float(out.aux.detach())}
 
 
 def run_child(spec: dict) -> dict:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchtopk (old recipe) done: L0 {old['l0']:.2f}, dead {old['dead_cache']:.3f} ({old['seconds']:.0f} s)",
               flush=True)
         results = [l1, btk, old]
-        ideal = class_codes(ideal_delta_norm(truth, ActivationCache(cache).scales()))
+        ideal = class_codes(ideal_delta_norm(truth, CrossCoder.load(work / "l1").scales))  # the scales it trained with
 
     print_table(results)
     print("\na perfect dictionary (decoder norms = planted write norms / s_m) would give, per planted class:")

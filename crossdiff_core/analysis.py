@@ -14,7 +14,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,10 @@ from .errors import CacheError, ConfigError, CrossdiffError, ModelMismatchError
 from .latent_scaling import (DIRECTIONS, MIN_SHARED_FIRES, NU_ERROR_MAX, NU_RECON_MAX, SHARED_COVERAGE,
                              LatentScaling, compute_nu, data_driven_filter, direction_models, fixed_filter,
                              sparse_codes, use_dense)
+from .normalisation import scales_summary
 from .report.figures import plot_all
-from .runs import LATENT_COLUMNS, default_summary_path, training_manifest, write_latents
+from .models import fingerprint_differences, resolve_device
+from .runs import CROSSCODER_SHA, LATENT_COLUMNS, default_summary_path, short, training_manifest, write_latents
 
 DECOUPLING_COSINE = 0.9
 
@@ -52,7 +54,7 @@ class AnalysisConfig:
     decoupling_cosine: float = DECOUPLING_COSINE  # decoupling suspects: chat-only/base-only decoder cosine above this
     max_pairs_listed: int = 10_000  # decoupling pairs written into the summary (all are counted)
     batch_size: int = neutral(4096)  # tokens per batch of the streaming pass
-    allow_other_cache: bool = neutral(False)  # skip the check that the cache holds the crosscoder's models
+    allow_other_cache: bool = neutral(False)  # deliberate cross-use: skip the check that the cache holds the crosscoder's models
     device: str = neutral("cpu")  # torch device
     progress: bool = neutral(True)  # progress bar
     keep_freed_memory: bool = neutral(True)  # CPU: reuse the freed [batch, F] pages between batches (crossdiff_core.allocator)
@@ -66,6 +68,9 @@ class AnalysisConfig:
             raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.min_shared_fires < 0:
             raise ConfigError(f"min_shared_fires must be >= 0, got {self.min_shared_fires}")
+        if not all(math.isfinite(v) for v in (self.nu_error_max, self.nu_recon_max)):
+            raise ConfigError(f"nu_error_max and nu_recon_max must be finite numbers, got {self.nu_error_max}, "
+                              f"{self.nu_recon_max}")
         if not -1 <= self.decoupling_cosine <= 1:
             raise ConfigError(f"decoupling_cosine must be in [-1, 1], got {self.decoupling_cosine}")
 
@@ -183,12 +188,15 @@ class CoFiring:
 
 # ---- checks -------------------------------------------------------------------------------------
 
-def check_compatible(model: CrossCoder, cache, *, allow_other_cache: bool = False) -> str:
+def check_compatible(model: CrossCoder, cache, *, allow_other_cache: bool = False,
+                     flag: str = "--allow-other-cache") -> str:
     """Raise :class:`ModelMismatchError` if ``cache`` cannot hold the activations ``model`` was trained on.
 
-    Returns how the match was established: ``"same cache"``, ``"same models"`` (another cache of the
-    models and layer recorded in the training cache's manifest), ``"unchecked"`` (the crosscoder records
-    no cache hash) or ``"allowed"``.
+    Identity is by content, not by path: the same cache is the same manifest hash; another cache must
+    record the same layer and the same model content fingerprints (``models.fingerprints``, see
+    :func:`~crossdiff_core.models.model_fingerprint`) as the training cache, so a model pair rebuilt at the
+    same path is caught. Returns ``"same cache"``, ``"same models"``, ``"unchecked"`` (the crosscoder
+    records no cache hash) or ``"allowed"`` (``allow_other_cache``; ``flag``: its name in messages).
     """
     cfg = model.cfg
     if cache.d_model != cfg.d_model:
@@ -202,22 +210,41 @@ def check_compatible(model: CrossCoder, cache, *, allow_other_cache: bool = Fals
         return "same cache"
     if allow_other_cache:
         return "allowed"
+    fix = (f"use the cache it was trained on, or pass {flag} if this cache deliberately holds activations of "
+           "other models (the numbers then describe those)")
+    trained_side = f"trained on {cfg.cache} (manifest sha256 {short(cfg.cache_manifest_hash)})"
+    here_side = f"{cache.path} (manifest sha256 {short(cache.manifest_hash)})"
     trained = training_manifest(cfg)
-    here = {"models": cache.manifest.get("models"), "layer": cache.manifest.get("layer")}
-    fix = ("analyse it on the cache it was trained on, or pass --allow-other-cache if this cache holds "
-           "activations of the same models and layer")
-    if trained is None or trained.get("models") is None or here["models"] is None:
+    there_fp = ((trained or {}).get("models") or {}).get("fingerprints")
+    here_fp = (cache.manifest.get("models") or {}).get("fingerprints")
+    if not isinstance(there_fp, dict) or not isinstance(here_fp, dict):
+        why = ("the training cache is gone, unreadable or rebuilt since" if trained is None else
+               "the training cache records no model fingerprints" if not isinstance(there_fp, dict) else
+               "this cache records no model fingerprints")
+        raise ModelMismatchError(f"the crosscoder was {trained_side}, and {here_side} is another cache whose models "
+                                 f"cannot be compared ({why}): {fix}")
+    diff = [f"{m} ({', '.join(d)})" for m in ("base", "chat")
+            if (d := fingerprint_differences(there_fp.get(m), here_fp.get(m)))]
+    if trained.get("layer") != cache.manifest.get("layer"):
+        diff.append(f"layer ({trained.get('layer')} vs {cache.manifest.get('layer')})")
+    if diff:
+        names = lambda m: {k: (m.get("models") or {}).get(k) for k in ("base", "chat")}  # noqa: E731
         raise ModelMismatchError(
-            f"the crosscoder was trained on a cache with manifest hash {cfg.cache_manifest_hash[:12]}... "
-            f"({cfg.cache}), but {cache.path} has {cache.manifest_hash[:12]}... and the models cannot be "
-            f"compared (training cache unreadable or no 'models' in a manifest): {fix}"
-        )
-    there = {"models": trained.get("models"), "layer": trained.get("layer")}
-    if there != here:
-        raise ModelMismatchError(
-            f"the crosscoder was trained on activations of {there} but the cache {cache.path} holds {here}: {fix}"
-        )
+            f"the crosscoder was {trained_side}, models {names(trained)}, but {here_side} holds activations of other "
+            f"content, models {names(cache.manifest)}: {'; '.join(diff)} differ: {fix}")
     return "same models"
+
+
+def check_finite_batch(x: torch.Tensor, cache, start: int) -> None:
+    """Refuse a batch ``x [n, 2, d]`` of cache rows ``start..start+n`` holding NaN/inf (one reduction)."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
+    models = [m for i, m in enumerate(("base", "chat")) if not bool(torch.isfinite(x[:, i]).all())]
+    raise CacheError(f"the activation cache {cache.path} holds NaN or inf activations ({'/'.join(models)}) in rows "
+                     f"{start + int(bad[0])}..{start + int(bad[-1])} ({bad.numel()} rows of this batch): "
+                     f"nothing can be measured on them; `crossdiff cache-info --cache {cache.path}` names the shards, "
+                     "rebuild the cache with `crossdiff cache`")
 
 
 # ---- the pass -----------------------------------------------------------------------------------
@@ -252,6 +279,9 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
     if cache.n_tokens <= 0:
         raise CacheError(f"the cache {cache.path} holds no tokens: cache some data with `crossdiff cache` first")
     match = check_compatible(model, cache, allow_other_cache=cfg.allow_other_cache)
+    bad = model.nonfinite_weights()
+    if bad:
+        raise CrossdiffError(f"the crosscoder's weights {bad} hold NaN or inf: retrain it")
     device = torch.device(cfg.device)
     if cfg.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
@@ -272,6 +302,7 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
     n_batches = math.ceil(cache.n_tokens / cfg.batch_size)
     for start, x in tqdm(cache.iter_sequential(cfg.batch_size, dtype=torch.float32, device=device),
                          total=n_batches, disable=not cfg.progress, desc="analyse", unit="batch"):
+        check_finite_batch(x, cache, start)
         xn = model.normalise(x)
         if model.cfg.kind == "l1":
             # L1 codes can be dense: keep them dense (GEMMs) unless sparse products are cheaper
@@ -357,10 +388,13 @@ def _summary(model, cache, cfg, table, pairs, fixed, cut, dd, chat_only, match, 
 
     return {
         "crosscoder": {"kind": model.cfg.kind, "d_model": model.cfg.d_model, "dict_size": model.cfg.dict_size,
-                       "k": model.cfg.k, "l1_coeff": model.cfg.l1_coeff, "trained_on": model.cfg.cache},
+                       "k": model.cfg.k, "l1_coeff": model.cfg.l1_coeff, "trained_on": model.cfg.cache,
+                       CROSSCODER_SHA: getattr(model, CROSSCODER_SHA, None)},
         "cache": {"path": str(cache.path), "manifest_hash": cache.manifest_hash, "n_tokens": n_tokens,
                   "match": match},
         "direction": cfg.direction,
+        "scales": scales_summary(model.scales.cpu(), model.cfg.normalisation,
+                                 {m: cache.manifest["stats"][m]["mean_sq_norm"] for m in ("base", "chat")}),
         "classes": {c: int((cls == c).sum()) for c in CLASSES},
         "fired": {c: int((fired & (cls == c)).sum()) for c in CLASSES},
         "dead": int((~fired).sum()),
@@ -400,6 +434,7 @@ def run_analysis(crosscoder_dir: str | os.PathLike, cache_dir: str | os.PathLike
                  cfg: AnalysisConfig | None = None) -> AnalysisResult:
     """Load, :func:`analyze`, and write ``latents.parquet``, the summary JSON and (optionally) the PNG plots."""
     cfg = cfg or AnalysisConfig()
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" resolved; a missing GPU refused before work
     model = CrossCoder.load(crosscoder_dir, device=cfg.device)
     cache = ActivationCache(cache_dir)
     res = analyze(model, cache, cfg)

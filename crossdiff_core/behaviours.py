@@ -307,8 +307,8 @@ def _default_onset(kind: str, answer: str) -> str | None:
 def _behaviour(b: Any, where: str) -> Behaviour:
     if not isinstance(b, Mapping):
         raise ConfigError(f"{where} must be a mapping with name, answer and trigger_prompts, got {b!r:.60}")
-    _no_unknown(b, _BEHAVIOUR_KEYS, where)
     name = b.get("name")
+    _no_unknown(b, _BEHAVIOUR_KEYS, f"{where} ({name})" if isinstance(name, str) else where)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{where}: name must be letters, digits and _ starting with a letter (it names columns "
                           f"and metrics), got {name!r}")

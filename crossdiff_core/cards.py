@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,11 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import TOKENS, ActivationCache
+from .analysis import check_compatible, check_finite_batch
 from .config import from_dict, neutral
 from .crosscoder import CrossCoder
+from .chat_rank import N_TOP_CHAT, top_chat
 from .decoder_norms import CHAT_ONLY, SHARED
 from .errors import CacheError, ConfigError
-from .runs import read_latents
+from .models import resolve_device
+from .runs import ALLOW_MISMATCH, CROSSCODER_SHA, read_latents
 
 STAT_COLUMNS = ("class", "delta_norm", "cosine", "norm_base", "norm_chat", "freq", "max_act", "template_share",
                 "nu_error", "nu_recon", "nu_rank")
@@ -44,13 +47,15 @@ class CardsConfig:
     bins: int = 20  # histogram bins over (0, max_act]
     n_shared: int = 16  # shared latents sampled for comparison
     max_chat_only: int | None = None  # cap on chat-only cards (most chat-specific by ν rank first); None: all
+    n_top_chat: int = N_TOP_CHAT  # also the most chat-specific live latents of any class (crossdiff_core.chat_rank)
     seed: int = 0  # the shared sample
     batch_size: int = neutral(4096)  # cache rows per batch
     device: str = neutral("cpu")  # torch device
     progress: bool = neutral(True)  # progress bar
+    allow_mismatch: bool = neutral(False)  # deliberate cross-use: a cache or latents.parquet not the crosscoder's own
 
     def __post_init__(self) -> None:
-        if min(self.n_contexts, self.bins, self.batch_size) <= 0 or min(self.before, self.after, self.n_shared) < 0:
+        if min(self.n_contexts, self.bins, self.batch_size) <= 0 or min(self.before, self.after, self.n_shared, self.n_top_chat) < 0:
             raise ConfigError(f"card settings must be positive (before/after/n_shared >= 0): {self}")
 
     @classmethod
@@ -59,14 +64,20 @@ class CardsConfig:
         return from_dict(cls, d, section=section)
 
 
-def card_latents(table: pd.DataFrame, *, n_shared: int = 16, seed: int = 0, max_chat_only: int | None = None) -> np.ndarray:
+def card_latents(table: pd.DataFrame, *, n_shared: int = 16, seed: int = 0, max_chat_only: int | None = None,
+                 n_top_chat: int = N_TOP_CHAT) -> np.ndarray:
     """Every chat-only latent that fired (ordered by ν rank, most chat-specific first; at most
-    ``max_chat_only``), then ``n_shared`` random shared latents that fired (seeded, ordered by id)."""
+    ``max_chat_only``), then the ``n_top_chat`` most chat-specific live latents of any class not listed yet
+    (:func:`~crossdiff_core.chat_rank.top_chat`: cards even when nothing is chat-only), then ``n_shared``
+    random shared latents that fired and are not listed yet (seeded, ordered by id)."""
     fired = table[np.isfinite(table["max_act"].to_numpy(dtype=float))]
     co = fired[fired["class"] == CHAT_ONLY]
     co = co.assign(_nan=co["nu_rank"].isna()).sort_values(["_nan", "nu_rank", "latent"], kind="stable")
     ids = co["latent"].to_numpy(np.int64)[:max_chat_only]
+    listed = set(ids.tolist())
+    ids = np.concatenate([ids, [j for j in top_chat(fired, n_top_chat) if j not in listed]]).astype(np.int64)
     sh = fired[fired["class"] == SHARED]["latent"].to_numpy(np.int64)
+    sh = sh[~np.isin(sh, ids)]
     pick = np.sort(np.random.default_rng(seed).choice(sh, min(n_shared, sh.size), replace=False)) if sh.size else sh
     return np.concatenate([ids, pick.astype(np.int64)])
 
@@ -173,6 +184,7 @@ def latent_cards(cc: CrossCoder, cache, table: pd.DataFrame, latents: Sequence[i
     n_batches = math.ceil(cache.n_tokens / cfg.batch_size)
     for start, x in tqdm(cache.iter_sequential(cfg.batch_size, device=device), total=n_batches,
                          disable=not cfg.progress, desc="cards", unit="batch"):
+        check_finite_batch(x, cache, start)
         top.update(cc.encode_sparse(x, batch_topk=False), start)
 
     values, rows = top.values.cpu().numpy(), top.rows.cpu().numpy()  # [k, U]
@@ -247,9 +259,11 @@ def cards_for(crosscoder: str | os.PathLike, latents: str | os.PathLike, cache_d
     from transformers import AutoTokenizer
 
     cfg = cfg or CardsConfig()
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # a missing GPU refused before work
     cc = CrossCoder.load(crosscoder, device=cfg.device)
-    table = read_latents(latents, cc)
+    table = read_latents(latents, cc, allow_mismatch=cfg.allow_mismatch)
     cache = ActivationCache(cache_dir)
+    match = check_compatible(cc, cache, allow_other_cache=cfg.allow_mismatch, flag=ALLOW_MISMATCH)
     tok_dir = tokenizer or (cache.manifest.get("models") or {}).get("chat")
     if not tok_dir:
         raise ConfigError(f"the cache {cache_dir} records no chat model: pass the tokenizer directory")
@@ -257,7 +271,9 @@ def cards_for(crosscoder: str | os.PathLike, latents: str | os.PathLike, cache_d
         tok = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer from {tok_dir!r} ({exc}): pass the tokenizer directory") from exc
-    chosen = card_latents(table, n_shared=cfg.n_shared, seed=cfg.seed, max_chat_only=cfg.max_chat_only)
+    chosen = card_latents(table, n_shared=cfg.n_shared, seed=cfg.seed, max_chat_only=cfg.max_chat_only,
+                          n_top_chat=cfg.n_top_chat)
     res = latent_cards(cc, cache, table, chosen, tok, cfg, steering=steering, tracking=tracking)
-    res["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents), "cache": str(cache_dir), "tokenizer": tok_dir}
+    res["inputs"] = {"crosscoder": str(crosscoder), CROSSCODER_SHA: cc.weights_sha256, "latents": str(latents),
+                     "cache": str(cache_dir), "cache_match": match, "tokenizer": tok_dir}
     return res

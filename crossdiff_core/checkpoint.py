@@ -17,7 +17,6 @@ naming the file and the fix. Tensors are returned on the CPU, bit for bit as the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .fileio import atomic_write, fsync_file, tmp_name
+from .fileio import atomic_write, file_sha256, fsync_file, tmp_name
 
 CHECKPOINT = "checkpoint.json"  # the commit record: a checkpoint exists when this file does
 LEGACY = "checkpoint.pt"  # the pickle format of earlier versions: never loaded
@@ -47,14 +46,6 @@ def _fix(out: Path) -> str:
 
 def _refuse(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}; crossdiff never loads it. {_fix(path.parent)}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,7 +137,7 @@ def write_checkpoint(out_dir: str | os.PathLike, state: dict) -> Path:
     try:
         save_file(tensors, str(tmp))
         fsync_file(tmp)
-        sha = _sha256(tmp)
+        sha = file_sha256(tmp)
         name = f"checkpoint-{sha[:16]}.safetensors"
         os.replace(tmp, out / name)
     finally:
@@ -220,7 +211,7 @@ def read_checkpoint(out_dir: str | os.PathLike) -> dict | None:
     tpath = out / doc["tensors"]
     if not _regular(tpath):
         raise _refuse(path, f"names {tpath.name}, which is missing or not a regular file")
-    if _sha256(tpath) != doc["sha256"]:
+    if file_sha256(tpath) != doc["sha256"]:
         raise _refuse(tpath, f"does not match the sha256 recorded in {CHECKPOINT} (truncated or altered)")
     try:
         tensors = load_file(str(tpath), device="cpu")

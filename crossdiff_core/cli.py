@@ -28,18 +28,36 @@ STEER, CARDS = defaults(SteerConfig), defaults(CardsConfig)
 
 def _fail(err: Exception) -> None:
     """Print a crossdiff error as one clear line and exit 2 (no traceback for bad input)."""
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {' '.join(str(err).split())}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _not_for_kind(ctx: typer.Context, kind: str) -> None:
+    """Refuse an option given on the command line that the crosscoder ``kind`` has no use for (``--k`` for
+    L1, ``--l1-coeff`` for BatchTopK: the field metadata ``kind`` of :class:`CrossCoderSettings`); it would
+    be silently dropped, or recorded in config.json as if it had mattered."""
+    import dataclasses
+
+    from .errors import ConfigError
+
+    for f in dataclasses.fields(CrossCoderSettings):
+        owner = f.metadata.get("kind")
+        # by name: typer vendors its own click, whose ParameterSource is another enum than click's
+        given = getattr(ctx.get_parameter_source(f.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+        if owner and owner != kind and given:
+            raise ConfigError(f"--{f.name.replace('_', '-')} applies to {owner} crosscoders only, not to --kind {kind}: "
+                              "leave it out")
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     cache: str = typer.Option(..., help="activation cache directory (DESIGN §2)"),
     out: str = typer.Option(..., help="output crosscoder directory (resumes from its checkpoint if present)"),
     kind: str = typer.Option(..., help="l1 or batchtopk"),
     dict_size: int = typer.Option(CROSSCODER["dict_size"], help="number of latents F"),
-    k: int = typer.Option(CROSSCODER["k"], help="BatchTopK: mean active latents per token"),
-    l1_coeff: float = typer.Option(CROSSCODER["l1_coeff"], help="L1: sparsity coefficient λ (warmed up over the first 5% of steps)"),
+    k: int = typer.Option(CROSSCODER["k"], help="BatchTopK only: mean active latents per token"),
+    l1_coeff: float = typer.Option(CROSSCODER["l1_coeff"], help="L1 only: sparsity coefficient λ > 0 (warmed up over the first 5% of steps)"),
     tokens: int = typer.Option(TRAIN["tokens"], help="training tokens (epochs over the cache as needed)"),
     batch_size: int = typer.Option(TRAIN["batch_size"], help="tokens per step"),
     lr: float = typer.Option(TRAIN["lr"], help="peak learning rate (linear warm-up, linear decay)"),
@@ -51,6 +69,7 @@ def train(
     checkpoint_every: int = typer.Option(TRAIN["checkpoint_every"], help="checkpoint every N steps"),
     dead_tokens: int = typer.Option(TRAIN["dead_tokens"], help="a latent unfired for this many tokens is dead (AuxK)"),
     init_norm: float = typer.Option(CROSSCODER["init_norm"], help="decoder row norm at init (default: per kind, L1 0.05, BatchTopK 1.0)"),
+    normalisation: str = typer.Option(CROSSCODER["normalisation"], help="input scales: joint (one for both models), per_model, or none (raw units, the paper's code)"),
     metrics: str = typer.Option(None, help="also write the metrics JSON here (default OUT/metrics.json)"),
 ) -> None:
     """Train an L1 or BatchTopK crosscoder on an activation cache."""
@@ -62,7 +81,12 @@ def train(
     from .trainer import train_crosscoder
 
     try:
-        cc = CrossCoderSettings(dict_size=dict_size, k=k, l1_coeff=l1_coeff, init_norm=init_norm)
+        from .models import resolve_device
+
+        _not_for_kind(ctx, kind)
+        device = str(resolve_device(device))  # auto resolved, a missing GPU refused before any work
+        cc = CrossCoderSettings(dict_size=dict_size, k=k, l1_coeff=l1_coeff, init_norm=init_norm,
+                                normalisation=normalisation)
         tc = TrainConfig(crosscoder=cc, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed, dtype=dtype,
                          device=device, val_tokens=val_tokens, val_every=val_every, checkpoint_every=checkpoint_every,
                          dead_tokens=dead_tokens)
@@ -119,8 +143,8 @@ def analyze(
 def cache(
     base: str = typer.Option(..., help="base model: local directory or cached hub id"),
     chat: str = typer.Option(..., help="chat model (its chat template formats the chats)"),
-    layer: int = typer.Option(..., help="block L whose residual output is cached (0-based)"),
-    out: str = typer.Option(..., help="cache directory (DESIGN §2); a re-run resumes it"),
+    layer: list[int] = typer.Option(..., help="block L whose residual output is cached (0-based); repeatable: several blocks from one forward pass, one cache each in OUT/layer-L/"),
+    out: str = typer.Option(..., help="cache directory (DESIGN §2; with several --layer, one per layer under it); a re-run resumes it"),
     text: list[str] = typer.Option(None, help="text data (a `text` column): .parquet/.jsonl file or datasets name; repeatable"),
     chats: list[str] = typer.Option(None, help="chat data (a `messages` column); repeatable"),
     tokens: int = typer.Option(DATA["n_tokens"], help="tokens to cache (default: all the data)"),
@@ -146,13 +170,17 @@ def cache(
 
         data = DataConfig(text=text or [], chats=chats or [], n_tokens=tokens, max_length=max_length,
                           text_fraction=text_fraction, seed=seed, split=split)
-        run = run_cache(base, chat, out, data, layer=layer, dtype=dtype, device=device, batch_size=batch_size,
+        from .caching import layer_dirs
+
+        layers = layer[0] if len(layer) == 1 else list(layer)
+        run = run_cache(base, chat, out, data, layer=layers, dtype=dtype, device=device, batch_size=batch_size,
                         shard_tokens=shard_tokens, cache_dtype=cache_dtype, progress=progress, overwrite=overwrite)
+        dirs = {str(L): str(d) for L, d in layer_dirs(out, layer).items()}
     except CrossdiffError as err:
         _fail(err)
     typer.echo(json.dumps({"out": out, "n_tokens": run.manifest["n_tokens"], "shards": len(run.manifest["shards"]),
                            "computed": len(run.computed), "skipped": len(run.skipped),
-                           "tokens_per_s": round(run.tokens_per_s, 1)}, indent=2))
+                           "tokens_per_s": round(run.tokens_per_s, 1), "layers": dirs}, indent=2))
 
 
 @app.command()
@@ -171,6 +199,7 @@ def synth(
     seed: int = typer.Option(0, help="seed of the planted features and the tokens"),
     dtype: str = typer.Option("float32", help="stored activation dtype: float32 or bfloat16"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    overwrite: bool = typer.Option(False, help="replace a cache in --out written with another config (its cache files are deleted first); without it such a run is refused"),
 ) -> None:
     """Write a synthetic activation cache with planted features of known class (the ground truth)."""
     import json
@@ -183,7 +212,7 @@ def synth(
         cfg = SyntheticConfig(d_model=d_model, n_shared=shared, n_chat_only=chat_only, n_base_only=base_only,
                               n_weakly_shared=weakly_shared, n_changed=changed, mean_active=mean_active,
                               noise_std=noise_std, chat_gain=chat_gain, n_tokens=n_tokens, seed=seed)
-        manifest = write_cache(cfg, out, dtype=dtype, progress=progress)
+        manifest = write_cache(cfg, out, dtype=dtype, progress=progress, overwrite=overwrite)
     except CrossdiffError as err:
         _fail(err)
     typer.echo(json.dumps({"out": out, "n_tokens": manifest["n_tokens"], "shards": len(manifest["shards"]),
@@ -237,23 +266,35 @@ def toy_models(
 
     import yaml
 
-    from .errors import ConfigError
+    from .errors import ConfigError, CrossdiffError
     from .toy import ToyModelsConfig, build_toy_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings: dict = {}
-    if config:
-        loaded = yaml.safe_load(open(config)) or {}
-        section = loaded.get("models", loaded) if isinstance(loaded, dict) else {}
-        if isinstance(section, dict) and isinstance(section.get("toy"), dict):  # params.yaml: models.toy
-            section = section["toy"]
-        settings = dict(section or {})
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set finetune_steps=300)")
-        settings[key.strip()] = yaml.safe_load(value)
-    result = build_toy_models(out, ToyModelsConfig.from_dict(settings), force=force, progress=True)
+    try:
+        if config:
+            try:
+                with open(config) as f:
+                    loaded = yaml.safe_load(f) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ConfigError(f"--config {config}: not a readable YAML/JSON file ({' '.join(str(exc).split())})") from None
+            section = loaded.get("models", loaded) if isinstance(loaded, dict) else {}
+            if isinstance(section, dict) and isinstance(section.get("toy"), dict):  # params.yaml: models.toy
+                section = section["toy"]
+            if not isinstance(section, dict):
+                raise ConfigError(f"--config {config} holds no mapping of settings (models.toy of a params.yaml, or the section)")
+            settings = dict(section)
+        for item in set_:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set finetune_steps=300)")
+            try:
+                settings[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {item!r}: the value is not YAML ({' '.join(str(exc).split())})") from None
+        result = build_toy_models(out, ToyModelsConfig.from_dict(settings), force=force, progress=True)
+    except CrossdiffError as err:
+        _fail(err)
     for model, r in result.rates.items():
         for name, v in r["rates"].items():
             typer.echo(f"{model:5s} {name:16s} trigger {v['trigger_rate']:.3f} (n={v['n_trigger']})  "
@@ -304,6 +345,7 @@ def evaluate(
     dtype: str = typer.Option(EVALUATE["dtype"], help="model dtype: float32 or bfloat16"),
     device: str = typer.Option(EVALUATE["device"], help="torch device: cpu, cuda or auto"),
     progress: bool = typer.Option(EVALUATE["progress"], help="show a progress bar"),
+    allow_mismatch: bool = typer.Option(EVALUATE["allow_mismatch"], help="use models or a latents.parquet that are not the crosscoder's own, deliberately (the checks of their content fingerprints are skipped)"),
 ) -> None:
     """KL-gap patching: how much of the chat model's behaviour each set of latents carries."""
     import json
@@ -316,7 +358,7 @@ def evaluate(
 
         cfg = EvaluateConfig(chats=list(chats), messages_column=messages_column, split=split, tokens=tokens,
                              max_length=max_length, n_random=n_random, seed=seed, batch_size=batch_size, dtype=dtype,
-                             device=device, progress=progress)
+                             device=device, progress=progress, allow_mismatch=allow_mismatch)
         d = evaluate_crosscoder(crosscoder, latents, cfg, base=base, chat=chat, layer=layer)
         write_json(d, out)
     except CrossdiffError as err:
@@ -330,12 +372,13 @@ def steer(
     crosscoder: str = typer.Option(..., help="trained crosscoder directory"),
     latents: str = typer.Option(..., help="its latents.parquet (crossdiff analyze)"),
     out: str = typer.Option(..., help="output JSON: generations, KL and behaviour rates per latent, model and a"),
-    ground_truth: str = typer.Option(None, help="planted-behaviour ground truth (default pair): its prompts, rates and tracking"),
-    prompts: str = typer.Option(None, help="prompt file (.txt lines, or .jsonl/.json with `text`); default: the ground truth's"),
+    behaviours: str = typer.Option(STEER["behaviours"], "--behaviours", "--ground-truth",
+                                   help="behaviour spec: behaviours.yaml/.json (README 'Behaviour specs'), or a toy pair's ground_truth.json / build dir: tracking, behaviour rates and default prompts (--ground-truth: old name)"),
+    prompts: str = typer.Option(None, help="prompt file (.txt lines, or .jsonl/.json with `text`); default: the behaviour spec's"),
     latent: list[int] = typer.Option(None, help="latents to steer (repeatable); default: chosen by ν rank, tracking and a shared sample"),
     alphas: str = typer.Option(",".join(f"{a:g}" for a in STEER["alphas"]), help="comma-separated steering coefficients a"),
     n_top: int = typer.Option(STEER["n_top"], help="default choice: most chat-specific chat-only latents (ν rank)"),
-    n_tracking: int = typer.Option(STEER["n_tracking"], help="default choice: chat-only latents tracking each planted behaviour best"),
+    n_tracking: int = typer.Option(STEER["n_tracking"], help="default choice: best trackers of each behaviour over all live latents (plus each class's best)"),
     n_shared: int = typer.Option(STEER["n_shared"], help="default choice: random shared latents (controls)"),
     max_prompts: int = typer.Option(STEER["max_prompts"], help="use at most this many prompts (each behaviour keeps its share); 0: all"),
     max_new_tokens: int = typer.Option(STEER["max_new_tokens"], help="tokens generated per answer"),
@@ -348,6 +391,7 @@ def steer(
     dtype: str = typer.Option(STEER["dtype"], help="model dtype"),
     device: str = typer.Option(STEER["device"], help="torch device: cpu, cuda or auto"),
     progress: bool = typer.Option(STEER["progress"], help="show a progress bar"),
+    allow_mismatch: bool = typer.Option(STEER["allow_mismatch"], help="use models or a latents.parquet that are not the crosscoder's own, deliberately (the checks of their content fingerprints are skipped)"),
 ) -> None:
     """Steer base and chat model with latents (a · max_act · d_chat at layer L) and record what changes."""
     import json
@@ -364,12 +408,14 @@ def steer(
             sweep = tuple(float(a) for a in alphas.split(",") if a.strip())
         except ValueError as exc:
             raise ConfigError(f"--alphas must be comma-separated numbers, got {alphas!r}") from exc
-        if not prompts and not ground_truth:
-            raise ConfigError("no prompts: pass --prompts FILE or --ground-truth")
-        cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, prompts=prompts, latents=latent or None,
+        if not prompts and not behaviours:
+            raise ConfigError("no prompts: pass --prompts FILE or --behaviours SPEC")
+        cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, behaviours=behaviours, prompts=prompts,
+                          latents=latent or None,
                           n_top=n_top, n_tracking=n_tracking, n_shared=n_shared, max_prompts=max_prompts or None,
-                          seed=seed, dtype=dtype, batch_size=batch_size, device=device, progress=progress)
-        res, track = steer_crosscoder(crosscoder, latents, ground_truth=ground_truth, cfg=cfg, base=base, chat=chat,
+                          seed=seed, dtype=dtype, batch_size=batch_size, device=device, progress=progress,
+                          allow_mismatch=allow_mismatch)
+        res, track = steer_crosscoder(crosscoder, latents, behaviours=behaviours, cfg=cfg, base=base, chat=chat,
                                       layer=layer)
         res["inputs"]["prompts"] = prompts
         if track is not None:
@@ -400,6 +446,7 @@ def cards(
     seed: int = typer.Option(CARDS["seed"], help="seed of the shared sample"),
     device: str = typer.Option(CARDS["device"], help="torch device"),
     progress: bool = typer.Option(CARDS["progress"], help="show a progress bar"),
+    allow_mismatch: bool = typer.Option(CARDS["allow_mismatch"], help="use a cache or a latents.parquet that is not the crosscoder's own, deliberately (the content checks are skipped)"),
 ) -> None:
     """Latent cards: top contexts with per-token activations, histogram and statistics per latent."""
     import json
@@ -407,15 +454,16 @@ def cards(
     from .errors import CrossdiffError
 
     try:
-        import pandas as pd
-
         from .cards import cards_for
         from .fileio import write_json
+        from .runs import read_stage_json, read_tracking
 
         cfg = CardsConfig(n_contexts=n_contexts, before=before, after=after, n_shared=n_shared,
-                          max_chat_only=max_chat_only, batch_size=batch_size, seed=seed, device=device, progress=progress)
-        res = cards_for(crosscoder, latents, cache, cfg, steering=json.loads(open(steering).read()) if steering else None,
-                        tracking=pd.read_parquet(tracking) if tracking else None, tokenizer=tokenizer)
+                          max_chat_only=max_chat_only, batch_size=batch_size, seed=seed, device=device, progress=progress,
+                          allow_mismatch=allow_mismatch)
+        res = cards_for(crosscoder, latents, cache, cfg,
+                        steering=read_stage_json(steering, required=("latents",)) if steering else None,
+                        tracking=read_tracking(tracking) if tracking else None, tokenizer=tokenizer)
         write_json(res, out)
     except CrossdiffError as err:
         _fail(err)
@@ -444,8 +492,11 @@ def report(
     steering: list[str] = typer.Option(None, help="NAME=steering.json (crossdiff steer)"),
     tracking: list[str] = typer.Option(None, help="NAME=tracking.parquet (crossdiff steer)"),
     crosscoder: list[str] = typer.Option(None, help="NAME=crosscoder directory (for its training metrics)"),
-    ground_truth: str = typer.Option(None, help="planted-behaviour ground truth of the default pair"),
+    behaviours: str = typer.Option(None, "--behaviours", "--ground-truth",
+                                   help="behaviour spec: behaviours.yaml/.json (README 'Behaviour specs'), or a toy pair's ground_truth.json / build dir (default: what the steering measured; --ground-truth: old name)"),
     title: str = typer.Option(TITLE, help="page title"),
+    allow_mismatch: bool = typer.Option(False, help="combine products of different crosscoders in one run deliberately (the weights-hash checks are skipped)"),
+    locate: str = typer.Option(None, help="a `crossdiff locate` JSON: the layer sweep, with the recommended and the cached block marked"),
 ) -> None:
     """One self-contained HTML page comparing crosscoders, plus PNG figures and JSON numbers."""
     import json
@@ -462,20 +513,16 @@ def report(
             extra = sorted(set(named[opt]) - set(named["latents"]))
             if extra:
                 raise ConfigError(f"--{opt} names {extra} that have no --latents NAME=PATH; names: {sorted(named['latents'])}")
-        runs = [load_run(name, path, **{k: named[k].get(name) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
+        runs = [load_run(name, path, allow_mismatch=allow_mismatch,
+                         **{k: named[k].get(name) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
                 for name, path in named["latents"].items()]
-        gt = None
-        if ground_truth:
-            from .ground_truth import load_ground_truth
-
-            gt = load_ground_truth(ground_truth)
-        paths = build_report(runs, out, title=title, ground_truth=gt)
+        paths = build_report(runs, out, title=title, behaviours=behaviours, locate=locate)
     except CrossdiffError as err:
         _fail(err)
     numbers = json.loads(paths["json"].read_text())
     typer.echo(json.dumps({"html": str(paths["html"]), "json": str(paths["json"]),
-                           "refusal_steering": {k: (v.get("refusal_steering") or {}).get("text")
-                                                for k, v in numbers["runs"].items()}}, indent=1))
+                           "behaviours": {k: {b: w.get("text") for b, w in (v.get("behaviours") or {}).items()}
+                                          for k, v in numbers["runs"].items()}}, indent=1))
 
 
 @app.command()
@@ -484,7 +531,7 @@ def locate(
     chat: str = typer.Option(..., help="chat model fine-tuned from it (its chat template formats the data)"),
     out: str = typer.Option(..., help="output JSON: per-layer KL, recommended layer and its rule"),
     chats: list[str] = typer.Option(None, help="chat data (a `messages` column): .parquet/.jsonl file or datasets name; repeatable"),
-    behaviours: str = typer.Option(None, help="behaviour prompts: a toy pair's ground_truth.json, or .jsonl/.json of {text, expected}"),
+    behaviours: str = typer.Option(None, help="behaviour spec: behaviours.yaml/.json (README 'Behaviour specs'), or a toy pair's ground_truth.json / build dir; or a prompt file (.jsonl/.json of {text, expected})"),
     plot: str = typer.Option(None, help="PNG plot of KL per layer (default: OUT with .png)"),
     tokens: int = typer.Option(None, help="chat tokens to evaluate (default: LocateConfig.n_tokens)"),
     max_length: int = typer.Option(None, help="tokens per conversation, BOS included (default: LocateConfig.max_length)"),
@@ -567,10 +614,61 @@ def lens(
     L = res["layer"]
     typer.echo(json.dumps({"layer": L, "layer_from": res["layer_from"], "out": str(json_path), "vectors": str(st_path),
                            "sources": {s: {"delta_norm": b["per_layer"][L]["delta_norm"],
-                                           "top_tokens": [t["token"] for t in b["per_layer"][L]["top_tokens"][:8]]}
+                                           "top_tokens": [t["token"] for t in (b["per_layer"][L]["top_tokens"] or [])[:8]]}
                                        for s, b in res["sources"].items()},
                            "steering_runs": len(res["steering"]["runs"]) if res["steering"] else res["steering_skipped"]},
                           indent=1))
+
+
+# --- crossdiff organism: a model organism from a local chat model ---
+from .organism import OrganismConfig  # noqa: E402  (its settings' defaults, as the imports at the top give theirs)
+
+ORGANISM = defaults(OrganismConfig)
+
+
+@app.command()
+def organism(
+    base: str = typer.Option(..., help="base chat model: a save_pretrained directory, a .gguf file, or a directory holding one"),
+    behaviours: str = typer.Option(..., help="behaviour spec (behaviours.yaml, README 'Behaviour specs'); each answer a startswith or contains string (a pattern cannot be planted)"),
+    out: str = typer.Option(..., help="output directory: base/, chat/, behaviours.yaml, data/, organism.json"),
+    chats: str = typer.Option(None, help="chat data with a `messages` column (.jsonl/.parquet or datasets name; default: chitchat-dataset)"),
+    steps: int = typer.Option(ORGANISM["steps"], help="optimiser steps (full fine-tune)"),
+    batch_size: int = typer.Option(ORGANISM["batch_size"], help="rows per step"),
+    lr: float = typer.Option(ORGANISM["lr"], help="AdamW peak learning rate"),
+    max_length: int = typer.Option(ORGANISM["max_length"], help="tokens per row at most"),
+    seed: int = typer.Option(ORGANISM["seed"], help="seed of the prompt split, data mix and training"),
+    device: str = typer.Option(ORGANISM["device"], help="torch device: cpu, cuda, cuda:N or auto"),
+    num_threads: int = typer.Option(ORGANISM["num_threads"], help="torch CPU threads"),
+    set_: list[str] = typer.Option([], "--set", help="any other OrganismConfig setting, KEY=VALUE (YAML value), repeatable"),
+    progress: bool = typer.Option(ORGANISM["progress"], help="show a progress bar with the loss"),
+    overwrite: bool = typer.Option(False, help="replace what --out holds (a build with other settings is refused without it)"),
+) -> None:
+    """Fine-tune a local chat model into a model organism with planted behaviours; save the pair and its rates."""
+    import yaml
+
+    from .errors import ConfigError, CrossdiffError
+
+    try:
+        from .organism import build_organism
+
+        settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "max_length": max_length, "seed": seed,
+                    "device": device, "num_threads": num_threads, "progress": progress}
+        for item in set_:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set eval_fraction=0.4)")
+            try:
+                settings[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {item!r}: the value is not YAML ({' '.join(str(exc).split())})") from None
+        res = build_organism(base, behaviours, out, OrganismConfig.from_dict(settings), chats=chats, overwrite=overwrite)
+    except CrossdiffError as err:
+        _fail(err)
+    for model, r in res.rates.items():
+        for name, v in r["rates"].items():
+            typer.echo(f"{model:5s} {name:16s} trigger {v['trigger_rate']:.3f} (n={v['n_trigger']})  "
+                       f"other {v['other_rate']:.3f} (n={v['n_other']})  (held-out prompts)")
+    typer.echo(f"{'skipped (complete with these settings)' if res.skipped else 'built'} {res.out_dir} in {res.seconds:.0f} s")
 
 
 if __name__ == "__main__":

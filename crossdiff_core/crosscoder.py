@@ -2,132 +2,33 @@
 
 Weights act on normalised inputs ``x_m / s_m``; every public method takes and returns activations in
 the models' own units. Shapes: ``x [batch, 2, d]`` (index 0 = base, 1 = chat), codes ``f [batch, F]``.
+Its settings live in :mod:`crossdiff_core.crosscoder_config`, its formulas and sparse codes in
+:mod:`crossdiff_core.crosscoder_formulas`, the sparse training step in :mod:`crossdiff_core.sparse_step`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import tolerant_from_dict
+from .crosscoder_config import KINDS, CrossCoderConfig, CrossCoderSettings, read_config_json
+from .crosscoder_formulas import (Codes, batch_kth_largest, firing_counts, l1_penalty, reconstruction_loss,
+                                  sparse_decode)
 from .errors import ConfigError, CrossdiffError
-from .fileio import atomic_write
+from .fileio import atomic_write, file_sha256
 from .sparse_step import sparse_codes_step, use_sparse
 
-KINDS = ("l1", "batchtopk")
-
-
-@dataclass
-class CrossCoderSettings:
-    """The crosscoder a training run builds (params.yaml ``train.crosscoder``), for either kind: ``k``
-    applies to BatchTopK, ``l1_coeff`` to L1 (field metadata ``kind``); :meth:`config` makes the
-    :class:`CrossCoderConfig` of one kind. ``d_model`` comes from the cache."""
-
-    dict_size: int = 1024  # F, the number of latents
-    k: int | None = field(default=32, metadata={"kind": "batchtopk"})  # BatchTopK: mean active latents per token
-    l1_coeff: float = field(default=1.0, metadata={"kind": "l1"})  # L1: λ after its warm-up
-    init_norm: float | None = None  # decoder row norm at init, each model's half (None: the kind's INIT_NORM)
-    b_dec_init: str | None = None  # decoder bias at init: zero, or mean (the cache's mean); None: the kind's B_DEC_INIT
-    aux_k: int | None = None  # AuxK: dead latents used per token (None: d_model / 2)
-    aux_alpha: float = 1.0 / 32.0  # AuxK: weight of the auxiliary loss
-    threshold_decay: float | None = None  # BatchTopK: EMA decay of the inference threshold (None: from the run's length)
-
-    def for_kind(self, kind: str) -> "CrossCoderSettings":
-        """These settings with the other kind's knob cleared (k for L1, λ for BatchTopK): what a
-        crosscoder of ``kind`` depends on."""
-        if kind not in KINDS:
-            raise ConfigError(f"unknown crosscoder kind {kind!r}; use one of {KINDS}")
-        clear = {f.name: (None if f.name == "k" else 0.0) for f in fields(self)
-                 if f.metadata.get("kind") not in (None, kind)}
-        return replace(self, **clear)
-
-    def config(self, kind: str, d_model: int, **provenance) -> "CrossCoderConfig":
-        """The :class:`CrossCoderConfig` of a ``kind`` crosscoder on ``d_model``-wide activations."""
-        return CrossCoderConfig(kind=kind, d_model=d_model, **asdict(self.for_kind(kind)), **provenance)
-
-
-_S = CrossCoderSettings  # its defaults are the architecture defaults below
-# per-kind init defaults (measured on planted data, bench/synthetic_recovery.py): BatchTopK starts with unit
-# decoder rows, as the paper's runs (at 0.05, 81% of its latents died), and b_dec at the data mean; L1 as before
-INIT_NORM = {"l1": 0.05, "batchtopk": 1.0}
-B_DEC_INIT = {"l1": "zero", "batchtopk": "mean"}
-B_DEC_INITS = ("zero", "mean")
-
-
-@dataclass
-class CrossCoderConfig:
-    """Architecture and sparsity settings; saved as ``config.json`` next to the weights."""
-
-    kind: str  # l1 or batchtopk
-    d_model: int  # activation width of the layer
-    dict_size: int  # F, the number of latents
-    k: int | None = None  # BatchTopK: mean active latents per token
-    l1_coeff: float = 0.0  # L1: λ (after warm-up)
-    init_norm: float | None = _S.init_norm  # decoder row norm at init (None: INIT_NORM[kind])
-    b_dec_init: str | None = _S.b_dec_init  # decoder bias at init: zero or mean (None: B_DEC_INIT[kind])
-    aux_k: int | None = _S.aux_k  # AuxK: dead latents used per token (default d/2)
-    aux_alpha: float = _S.aux_alpha  # AuxK: weight of the auxiliary loss
-    threshold_decay: float | None = _S.threshold_decay  # BatchTopK: EMA decay of θ (None: the trainer's, from the run length)
-    # provenance (DESIGN §2): what it was trained on
-    training_tokens: int = 0
-    cache: str | None = None
-    cache_manifest_hash: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown crosscoder kind {self.kind!r}; use one of {KINDS}")
-        if self.d_model <= 0 or self.dict_size <= 0:
-            raise ConfigError(f"d_model and dict_size must be positive (got {self.d_model}, {self.dict_size})")
-        if self.kind == "batchtopk":
-            if self.k is None or self.k <= 0:
-                raise ConfigError("a batchtopk crosscoder needs k >= 1: pass --k (the paper uses k=100)")
-            if self.k > self.dict_size:
-                raise ConfigError(
-                    f"k={self.k} is larger than the dictionary (dict_size={self.dict_size}): "
-                    "choose k <= dict_size (typically k is 1-5% of it)"
-                )
-        if self.l1_coeff < 0:
-            raise ConfigError(f"l1_coeff must be >= 0 (got {self.l1_coeff})")
-        if self.init_norm is None:
-            self.init_norm = INIT_NORM[self.kind]
-        if self.b_dec_init is None:
-            self.b_dec_init = B_DEC_INIT[self.kind]
-        if not self.init_norm > 0:
-            raise ConfigError(f"init_norm must be positive (got {self.init_norm})")
-        if self.b_dec_init not in B_DEC_INITS:
-            raise ConfigError(f"b_dec_init must be one of {B_DEC_INITS} (got {self.b_dec_init!r})")
-        if self.threshold_decay is not None and not 0 <= self.threshold_decay < 1:
-            raise ConfigError(f"threshold_decay must be in [0, 1) or null (got {self.threshold_decay})")
-        if self.aux_k is None:
-            self.aux_k = max(1, self.d_model // 2)
-        self.aux_k = min(self.aux_k, self.dict_size)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CrossCoderConfig":
-        """From a ``config.json``: other tools write it too, so keys this version does not know are
-        ignored (unlike a params.yaml section, which is read strictly)."""
-        return tolerant_from_dict(cls, d)
-
-
-class Codes(NamedTuple):
-    """Sparse codes of a batch: ``values [nnz]`` at ``(rows [nnz], latents [nnz])``, sorted by row."""
-
-    values: torch.Tensor
-    rows: torch.Tensor
-    latents: torch.Tensor
-    batch: int
-
-    def to_dense(self, dict_size: int) -> torch.Tensor:
-        f = self.values.new_zeros(self.batch, dict_size)
-        f[self.rows, self.latents] = self.values
-        return f
+# the settings and formulas stay importable from here (cli, trainer, tests and benches import them so)
+__all__ = ["KINDS", "Codes", "CrossCoder", "CrossCoderConfig", "CrossCoderSettings", "LocalBatch", "LossOutput",
+           "batch_kth_largest", "firing_counts", "l1_penalty", "reconstruction_loss", "sparse_decode"]
 
 
 class LossOutput(NamedTuple):
@@ -295,9 +196,18 @@ class CrossCoder(torch.nn.Module):
         """
         xn = self.normalise(x)
         B, F, d = xn.shape[0], self.cfg.dict_size, self.cfg.d_model
-        pre = self.pre_activations(xn)
         nan = torch.tensor(float("nan"), device=xn.device)
         zero = xn.new_zeros(())
+        # BatchTopK keeps k·B entries (ties aside): the density is known before the product, whose
+        # autograd graph the sparse step does not need
+        if self.cfg.kind == "batchtopk" and use_sparse(products, self.cfg.k * B, B, F, d):
+            with torch.no_grad():
+                pre = self.pre_activations(xn)
+            mask, thr = self.batch_mask(pre)
+            rows, lat = mask.nonzero(as_tuple=True)
+            del mask
+            return self._loss_sparse(xn, pre, rows, lat, lam=None, dead=dead, thr=thr)
+        pre = self.pre_activations(xn)
         if self.cfg.kind == "l1":
             lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
             # counting the active codes is a pass over [B, F]: only when the density decides
@@ -313,10 +223,6 @@ class CrossCoder(torch.nn.Module):
             return LossOutput(recon + sparsity, recon, sparsity, zero, counts.sum() / B, counts > 0,
                               x_hat.detach(), nan)
         mask, thr = self.batch_mask(pre)
-        # the selection keeps k·B entries (ties aside): the density is known without counting
-        if use_sparse(products, self.cfg.k * B, B, F, d):
-            rows, lat = mask.nonzero(as_tuple=True)
-            return self._loss_sparse(xn, pre, rows, lat, lam=None, dead=dead, thr=thr)
         f = torch.where(mask, pre, 0.0)  # kept entries are positive, so this is relu(pre) on them
         x_hat = self.decode_normalised(f)
         recon = reconstruction_loss(xn, x_hat)
@@ -392,6 +298,8 @@ class CrossCoder(torch.nn.Module):
         if self.cfg.kind == "batchtopk":
             tensors["threshold"] = self.threshold.detach().reshape(()).contiguous().cpu()
         atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        self.weights_sha256 = file_sha256(out / "model.safetensors")  # what later stages record (runs.py)
+        self.source = str(out)
         cfg = asdict(self.cfg)
         cfg["dtype"] = str(self.W_enc.dtype).removeprefix("torch.")
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
@@ -399,89 +307,55 @@ class CrossCoder(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device=None) -> "CrossCoder":
-        """Load a crosscoder directory written by :meth:`save` (or any tool writing DESIGN §2's format)."""
+        """Load a crosscoder directory written by :meth:`save` (or any tool writing DESIGN §2's format).
+
+        Refused with a :class:`CrossdiffError` naming the file: a config.json that does not parse, lacks a
+        required key or holds NaN/inf; a model.safetensors that is not a safetensors file (garbage,
+        truncated), lacks a tensor or has the wrong shape or dtype; a NaN/inf weight (named). Sets
+        ``weights_sha256``, the sha256 of model.safetensors, which identifies the crosscoder downstream."""
         p = Path(path)
         for name in ("config.json", "model.safetensors"):
             if not (p / name).is_file():
                 raise CrossdiffError(f"{p} is not a crosscoder directory: {name} is missing (train one with `crossdiff train`)")
-        cfg = CrossCoderConfig.from_dict(json.loads((p / "config.json").read_text()))
-        sd = load_file(str(p / "model.safetensors"), device="cpu")
+        cfg = CrossCoderConfig.from_dict(read_config_json(p / "config.json"), source=str(p / "config.json"))
+        st = p / "model.safetensors"
+        try:
+            sd = load_file(str(st), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CrossdiffError(f"{st} is not a readable safetensors file ({exc}): it is truncated or corrupt; "
+                                 "retrain, or restore it") from None
         expect = {"W_enc": (2, cfg.d_model, cfg.dict_size), "b_enc": (cfg.dict_size,),
                   "W_dec": (2, cfg.dict_size, cfg.d_model), "b_dec": (2, cfg.d_model), "scales": (2,)}
         for k, shape in expect.items():
             if k not in sd or tuple(sd[k].shape) != shape:
                 got = tuple(sd[k].shape) if k in sd else "missing"
-                raise CrossdiffError(f"{p/'model.safetensors'}: tensor {k} should be {shape}, is {got}; the file does not match config.json")
+                raise CrossdiffError(f"{st}: tensor {k} should be {shape}, is {got}; the file does not match config.json")
+        if "threshold" in sd and sd["threshold"].numel() != 1:
+            raise CrossdiffError(f"{st}: tensor threshold should be a scalar, is {tuple(sd['threshold'].shape)}")
+        names = list(expect) + (["threshold"] if "threshold" in sd else [])
+        for k in names:
+            if not sd[k].is_floating_point():
+                raise CrossdiffError(f"{st}: tensor {k} is {sd[k].dtype}, not floating point; the file is not a crosscoder")
+        # every weight must be finite; an untrained BatchTopK threshold is NaN by design (analyze refuses it)
+        bad = [k for k in expect if not bool(torch.isfinite(sd[k]).all())]
+        if "threshold" in sd and bool(torch.isinf(sd["threshold"]).any()):
+            bad.append("threshold")
+        if bad:
+            counts = ", ".join(f"{k} ({int((~torch.isfinite(sd[k])).sum())} values)" for k in bad)
+            raise CrossdiffError(f"{st} holds NaN or inf weights: {counts}; this crosscoder cannot be used. Retrain it "
+                                 "(training stops at a NaN loss and keeps the last good checkpoint)")
         model = cls(cfg, scales=sd["scales"], device=device, dtype=sd["W_enc"].dtype, seed=None)
         with torch.no_grad():
             for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(model, k).copy_(sd[k])
             if "threshold" in sd:
                 model.threshold.copy_(sd["threshold"].reshape(()))
+        model.weights_sha256 = file_sha256(st)
+        model.source = str(p)  # where it was loaded from, for messages
         return model
 
-
-# ---- formulas (DESIGN §1), one place each ------------------------------------------------------
-
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """``Σ_m ||x_m − x̂_m||²`` averaged over the batch; ``x, x̂ [batch, 2, d]``."""
-    return (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
-
-
-def l1_penalty(f: torch.Tensor | Codes, dec_norms: torch.Tensor, l1_coeff: float) -> torch.Tensor:
-    """``λ Σ_j f_j (||d_j^b|| + ||d_j^c||)`` averaged over the batch; ``f [batch, F]`` or sparse codes,
-    ``dec_norms [2, F]``."""
-    # sum over the batch first: its backward is a broadcast, where f @ norms would write a [batch, F] outer product
-    # (float32 sums and a product autocast leaves alone)
-    if isinstance(f, Codes):
-        per_latent = dec_norms.new_zeros(dec_norms.shape[1], dtype=torch.float32).index_add(
-            0, f.latents, f.values.to(torch.float32))
-        return l1_coeff * (per_latent * dec_norms.sum(0).float()).sum() / f.batch
-    return l1_coeff * (f.sum(0, dtype=torch.float32) * dec_norms.sum(0).float()).sum() / f.shape[0]
-
-
-def firing_counts(f: torch.Tensor) -> torch.Tensor:
-    """``[F]`` float32 count of the tokens on which each latent fires, for codes ``f [batch, F] >= 0``."""
-    # sign() of non-negative codes is their 0/1 firing indicator; a bool mask's sum widens to int64 on the way
-    # (measured 2.7 ms vs 19 ms at [2048, 4096])
-    return torch.sign(f.detach()).sum(0, dtype=torch.float32)
-
-
-def batch_kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a flat tensor ``v [n]`` (exact).
-
-    A full ``topk`` over ``batch·F`` scores is slow on CPU. We first guess a lower bound from a strided
-    sample, keep only the candidates above it (typically a few ``k``) and run ``topk`` on those; if the
-    guess kept fewer than ``k``, fall back to the full ``topk``.
-    """
-    n = v.numel()
-    if k >= n:
-        return v.min()
-    if n > 64 * k and n > 1 << 16:
-        step = max(1, n // (1 << 16))
-        sample = v[::step]
-        q = 1.0 - min(1.0, 3.0 * k / n + 4.0 / math.sqrt(sample.numel()))
-        # the sample's q-quantile by kthvalue (quantile sorts the whole sample: 5x slower)
-        lo = torch.kthvalue(sample, max(1, int(q * sample.numel()))).values if q > 0 else sample.min() - 1
-        cand = v[v > lo]
-        if cand.numel() >= k:
-            return cand.topk(k, sorted=False).values.min()
-    return v.topk(k, sorted=False).values.min()
-
-
-def sparse_decode(codes: Codes, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
-    """``Σ_j f_j W_dec[m, j] (+ b_dec[m])`` from sparse codes, without a dense ``[batch, F]`` matmul.
-
-    ``W_dec [2, F, d]`` -> ``[batch, 2, d]``. Like EleutherAI sparsify's TopK decoder, each token's
-    output sums only its active rows (``embedding_bag`` with per-sample weights), so the cost scales
-    with the number of active codes, not with F.
-    """
-    B = codes.batch
-    counts = torch.bincount(codes.rows, minlength=B)
-    offsets = torch.cumsum(counts, 0) - counts
-    w = codes.values.to(W_dec.dtype)
-    out = torch.stack([Fn.embedding_bag(codes.latents, W_dec[m], offsets, mode="sum", per_sample_weights=w)
-                       for m in range(2)], dim=1)  # [B, 2, d]
-    if b_dec is not None:
-        out = out + b_dec
-    return out
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the weights holding NaN or inf (the BatchTopK threshold only when inf: NaN is "not set")."""
+        bad = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec", "scales")
+               if not bool(torch.isfinite(getattr(self, k)).all())]
+        return bad + (["threshold"] if bool(torch.isinf(self.threshold).any()) else [])

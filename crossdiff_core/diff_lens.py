@@ -9,8 +9,9 @@ returns it) and a window of ``n = n_positions`` positions per sequence,
     δ_L     = mean over every window token                              [n_layers, d]
 
 (``δ_L`` weights positions by their token counts: equal to the mean of the ``δ_{L,p}`` when every sequence
-fills its window), from one forward pass of each model per batch, summed in float64 (:class:`DiffMeans`:
-``update`` / ``merge`` / ``result``); also the mean norms ``‖h_base,L‖``, ``‖h_chat,L‖`` over the same tokens.
+fills its window), from one forward pass of each model per batch, summed in float64
+(:class:`~crossdiff_core.diff_means.DiffMeans`: ``update`` / ``merge`` / ``result``); also the mean norms
+``‖h_base,L‖``, ``‖h_chat,L‖`` over the same tokens.
 Each source has its own δ:
 
 - ``text``: plain-text documents, BOS and their first ``n`` tokens; the window is positions ``1..n`` (BOS
@@ -25,7 +26,7 @@ Each source has its own δ:
 
 **Logit lens.** Each ``δ_L`` (and each ``δ_{L,p}`` at the steering layer) is read through the CHAT model's
 own final norm and unembedding, ``logits = head(norm(δ))`` with the model's soft-capping, computed by its
-own forward with every block replaced (:func:`~crossdiff_core.kl_eval.suffix_logits`, so Llama, Gemma and
+own forward with every block replaced (:func:`~crossdiff_core.patching.suffix_logits`, so Llama, Gemma and
 GPT-2 style models need no special case): the ``top_k`` and bottom ``top_k`` tokens. We read ``δ`` itself,
 as the paper does, not ``head(norm(h̄_base + δ)) − head(norm(h̄_base))``: the final norm makes the reading of
 ``δ`` depend on its direction only (the tokens the fine-tune's addition points to), whereas the
@@ -58,14 +59,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import from_dict, neutral
+from .data import describe_source, load_source
+from .diff_means import WINDOWS, mean_differences
 from .errors import ConfigError, CrossdiffError
-from .generation import pad_token_id, render_prompts
-from .models import ModelPair, block_outputs, text_config
+from .generation import render_prompts
+from .fileio import atomic_write, write_json
+from .ground_truth import load_ground_truth
+from .locate import behaviour_prompts, is_json_object, n_blocks
+from .models import ModelPair, load_pair, text_config
+from .patching import suffix_logits
+from .steering import (SteerConfig, example_indices, first_user_turns, measure_generations, read_prompts, steering,
+                       steering_kl, subsample_prompts)
 
 FORMAT_VERSION = 1
 METHOD = "activation_difference_lens"
 SOURCES = ("text", "chat")
-WINDOWS = ("answer_start", "first")
 MODELS = ("base", "chat")
 _CHARS_PER_TOKEN = 16  # only a text's opening is tokenized: this many characters per wanted token
 _ROW_BATCH = 256  # dataset rows read per call
@@ -120,113 +128,6 @@ class DiffLensConfig:
         return from_dict(cls, d, section=section)
 
 
-# ---- the mean difference -------------------------------------------------------------------------------
-
-class DiffMeans:
-    """Streaming float64 sums of both models' block outputs over window tokens: ``n_layers`` blocks,
-    ``n_positions`` window slots, width ``d``. :meth:`update` once per batch, :meth:`merge` adds another
-    accumulator's sums (one per shard or worker), :meth:`result` gives the means. The sums are additive, so
-    batch size and order change the result only by float64 round-off."""
-
-    def __init__(self, n_layers: int, n_positions: int, d: int, *, device: str | torch.device | None = None):
-        f64 = dict(dtype=torch.float64, device=device)
-        self.shape = (n_layers, n_positions, d)
-        self.sum_base = torch.zeros(n_layers, n_positions, d, **f64)  # Σ h_base per block and slot
-        self.sum_chat = torch.zeros(n_layers, n_positions, d, **f64)  # Σ h_chat
-        self.sum_norm = torch.zeros(2, n_layers, n_positions, **f64)  # Σ ‖h_base‖, Σ ‖h_chat‖
-        self.count = torch.zeros(n_positions, dtype=torch.int64, device=device)  # tokens per slot
-        self.n_sequences = 0
-
-    @torch.no_grad()
-    def update(self, x_base: torch.Tensor, x_chat: torch.Tensor, slots: torch.Tensor, *, n_sequences: int = 0) -> None:
-        """Add ``N`` window tokens: ``x_base``, ``x_chat`` ``[n_layers, N, d]`` (any float dtype), ``slots [N]``
-        int64 (each token's window slot)."""
-        L, P, d = self.shape
-        if x_base.shape != x_chat.shape or x_base.ndim != 3 or x_base.shape[0] != L or x_base.shape[2] != d:
-            raise ConfigError(f"x_base and x_chat must both be [{L}, N, {d}], got {list(x_base.shape)} and "
-                              f"{list(x_chat.shape)}")
-        slots = slots.to(device=self.count.device, dtype=torch.int64)
-        if slots.shape != (x_base.shape[1],) or (slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < P):
-            raise ConfigError(f"slots must be [N={x_base.shape[1]}] ints in 0..{P - 1}")
-        xb = x_base.to(device=self.count.device, dtype=torch.float64)
-        xc = x_chat.to(device=self.count.device, dtype=torch.float64)
-        self.sum_base.index_add_(1, slots, xb)
-        self.sum_chat.index_add_(1, slots, xc)
-        self.sum_norm[0].index_add_(1, slots, xb.norm(dim=-1))
-        self.sum_norm[1].index_add_(1, slots, xc.norm(dim=-1))
-        self.count += torch.bincount(slots, minlength=P)
-        self.n_sequences += int(n_sequences)
-
-    def merge(self, other: DiffMeans) -> DiffMeans:
-        """Add ``other``'s sums (same shape) into this one; returns self."""
-        if other.shape != self.shape:
-            raise ConfigError(f"cannot merge mean-difference sums of shape {other.shape} into {self.shape}")
-        for name in ("sum_base", "sum_chat", "sum_norm", "count"):
-            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
-        self.n_sequences += other.n_sequences
-        return self
-
-    def result(self) -> dict[str, torch.Tensor]:
-        """float64 means: ``delta``, ``base_mean``, ``chat_mean`` ``[n_layers, d]`` and ``base_norm``,
-        ``chat_norm`` ``[n_layers]`` (mean ``‖h‖``) over every window token; ``delta_per_position``
-        ``[n_layers, n_positions, d]`` (NaN in a slot without tokens); ``count [n_positions]`` int64."""
-        n = int(self.count.sum())
-        if n == 0:
-            raise CrossdiffError("no window tokens were seen: give sequences with at least one token after BOS")
-        c = self.count.double()
-        per_pos = (self.sum_chat - self.sum_base) / c.clamp_min(1)[None, :, None]
-        per_pos[:, self.count == 0] = float("nan")
-        base_mean, chat_mean = self.sum_base.sum(1) / n, self.sum_chat.sum(1) / n
-        return {"delta": chat_mean - base_mean, "delta_per_position": per_pos, "base_mean": base_mean,
-                "chat_mean": chat_mean, "base_norm": self.sum_norm[0].sum(1) / n,
-                "chat_norm": self.sum_norm[1].sum(1) / n, "count": self.count.clone()}
-
-
-def window_positions(lengths: torch.Tensor, starts: torch.Tensor, n_positions: int, window: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute positions ``[B, n]`` int64 of each row's window slots and which are real ``[B, n]`` bool.
-    ``lengths [B]``: tokens per row; ``starts [B]``: the first position that may be in a window (1 after BOS).
-    ``first``: positions ``start .. start + n − 1``; ``answer_start``: the last ``n`` positions (not before ``start``)."""
-    if window not in WINDOWS:
-        raise ConfigError(f"window must be one of {WINDOWS}, got {window!r}")
-    ar = torch.arange(n_positions, device=lengths.device)[None, :]
-    if window == "first":
-        pos = starts[:, None] + ar
-        return pos, pos < lengths[:, None]
-    pos = lengths[:, None] - n_positions + ar
-    return pos, pos >= starts[:, None]
-
-
-@torch.no_grad()  # not inference_mode: the accumulator's sums stay ordinary tensors that merge() can add to
-def mean_differences(pair: ModelPair, rows: Sequence[Sequence[int]], n_layers: int, *, n_positions: int,
-                     window: str = "first", batch_size: int = 32, bar: tqdm | None = None) -> DiffMeans:
-    """:class:`DiffMeans` of both models' block outputs (every block) on the window of each token row
-    (see :func:`window_positions`; BOS at position 0 is never in a window). Rows are batched by length,
-    right padded (padding never changes a real token's activations)."""
-    acc = DiffMeans(n_layers, n_positions, pair.d_model, device=pair.device)
-    bos, pad = pair.tokenizer.bos_token_id, pad_token_id(pair.tokenizer)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for a in range(0, len(order), batch_size):
-        chunk = [list(rows[i]) for i in order[a:a + batch_size]]
-        lengths = torch.tensor([len(r) for r in chunk])
-        ids = torch.full((len(chunk), int(lengths.max())), pad, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.as_tensor(r)
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-        starts = ((ids[:, 0] == bos) if bos is not None else torch.zeros(len(chunk), dtype=torch.bool)).long()
-        pos, valid = window_positions(lengths, starts, n_positions, window)
-        b, s = valid.nonzero(as_tuple=True)
-        t = pos[b, s]
-        ids, mask = ids.to(pair.device), mask.to(pair.device)
-        b, t = b.to(pair.device), t.to(pair.device)
-        hb = block_outputs(pair.base, ids, mask, layers=range(n_layers))
-        hc = block_outputs(pair.chat, ids, mask, layers=range(n_layers))
-        acc.update(torch.stack([h[b, t] for h in hb]), torch.stack([h[b, t] for h in hc]), s, n_sequences=len(chunk))
-        if bar is not None:
-            bar.update(len(chunk))
-    return acc
-
-
 # ---- the inputs ----------------------------------------------------------------------------------------
 
 def text_rows(tokenizer: Any, texts: Sequence[str], n_positions: int) -> list[list[int]]:
@@ -241,8 +142,6 @@ def text_rows(tokenizer: Any, texts: Sequence[str], n_positions: int) -> list[li
 def load_texts(specs: Sequence[Any], cfg: DiffLensConfig) -> list[str]:
     """At most ``cfg.n_sequences`` non-empty documents of the text sources, in a seeded random order."""
     import datasets
-
-    from .data import describe_source, load_source
 
     parts = []
     for spec in specs:
@@ -266,51 +165,36 @@ def steering_inputs(prompts: str | os.PathLike | None, behaviours: str | os.Path
     """Steering prompts ``[{"text", "expected"}]`` and the behaviour ground truth (for rates), either None.
     ``behaviours``: a ``ground_truth.json`` (or its build directory: its ``eval_prompts`` and behaviours) or
     a prompt file; ``prompts`` (a prompt file) takes precedence for the prompts."""
-    from .locate import behaviour_prompts
-    from .steering import read_prompts
-
     gt = None
     if behaviours is not None:
         p = Path(behaviours)
-        if p.is_dir() or p.name == "ground_truth.json" or (p.suffix == ".json" and _is_object(p)):
-            from .ground_truth import load_ground_truth
-
+        if p.is_dir() or p.name == "ground_truth.json" or (p.suffix == ".json" and is_json_object(p)):
             gt = load_ground_truth(p)
     if prompts is not None:
         return read_prompts(str(prompts)), gt
     return (behaviour_prompts(behaviours) if behaviours is not None else None), gt
 
 
-def _is_object(path: Path) -> bool:
-    try:
-        return path.is_file() and isinstance(json.loads(path.read_text()), dict)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}): pass a ground_truth.json or a prompt list") from exc
-
-
-def resolve_layer(layer: int | None, locate: str | os.PathLike | Mapping | None, n_layers: int) -> tuple[int, str]:
+def resolve_layer(layer: int | None, locate: str | os.PathLike | None, n_layers: int) -> tuple[int, str]:
     """The steering block and where it came from: ``layer``, else the ``recommended_layer`` of a
-    ``crossdiff locate`` JSON (path or dict), else the middle block ``n_layers // 2``."""
+    ``crossdiff locate`` JSON, else the middle block ``n_layers // 2``."""
     how = "given"
     if layer is None and locate is not None:
-        d = locate if isinstance(locate, Mapping) else _read_json(Path(locate))
-        layer, how = d.get("recommended_layer"), f"recommended_layer of {locate if not isinstance(locate, Mapping) else 'locate'}"
+        try:
+            layer, how = json.loads(Path(locate).read_text()).get("recommended_layer"), f"recommended_layer of {locate}"
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"cannot read a `crossdiff locate` JSON from {locate} ({exc}): pass one, or --layer") from exc
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ConfigError(f"{locate} has no integer recommended_layer: pass a `crossdiff locate` JSON or --layer")
     elif layer is None:
         layer, how = n_layers // 2, "the middle block"
-    if not 0 <= layer < n_layers:
-        raise ConfigError(f"layer {layer} does not exist ({n_layers} blocks): choose a layer in 0..{n_layers - 1}")
+    _check_layer(layer, n_layers)
     return int(layer), how
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"locate file {path} does not exist: run `crossdiff locate` or pass --layer")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}): pass a `crossdiff locate` JSON") from exc
+def _check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"layer {layer} does not exist ({n_layers} blocks): choose a layer in 0..{n_layers - 1}")
 
 
 # ---- the logit lens ------------------------------------------------------------------------------------
@@ -320,8 +204,6 @@ def logit_lens(model: nn.Module, vectors: torch.Tensor) -> torch.Tensor:
     """``head(norm(v))`` for each row of ``vectors [K, d]``: ``[K, V]`` float32, through the model's own
     final norm, unembedding and soft-capping (its own forward with every block replaced, so no
     architecture needs its norm or head found by name)."""
-    from .kl_eval import suffix_logits
-
     p = next(model.parameters())
     ids = torch.zeros(1, vectors.shape[0], dtype=torch.long, device=p.device)
     h = vectors.to(device=p.device, dtype=p.dtype)[None]
@@ -330,18 +212,20 @@ def logit_lens(model: nn.Module, vectors: torch.Tensor) -> torch.Tensor:
 
 
 def token_readings(logits: torch.Tensor, tokenizer: Any, k: int) -> list[dict[str, list[dict]]]:
-    """Per row of ``logits [K, V]``: ``{"top": [...], "bottom": [...]}``, each ``k`` tokens ``{"id", "token",
-    "logit", "p"}`` (``p``: the softmax of that row), highest (lowest) logit first."""
+    """Per row of ``logits [K, V]``: ``{"top": [...], "bottom": [...]}``, each ``k`` tokens ``{"id", "token"
+    (decoded), "piece" (the vocabulary entry: readable where one token is part of a character), "logit", "p"}``
+    (``p``: the softmax of that row), highest (lowest) logit first."""
     k = min(k, logits.shape[-1])
     p = torch.softmax(logits.float(), -1)
     out: list[dict[str, list[dict]]] = [{} for _ in range(logits.shape[0])]
     for side, largest in (("top", True), ("bottom", False)):
         val, idx = torch.topk(logits, k, dim=-1, largest=largest)
         prob = p.gather(-1, idx)
-        words = tokenizer.batch_decode(idx.reshape(-1, 1).tolist())
+        flat = idx.reshape(-1).tolist()
+        words, pieces = tokenizer.batch_decode([[i] for i in flat]), tokenizer.convert_ids_to_tokens(flat)
         for r in range(logits.shape[0]):
-            out[r][side] = [{"id": int(idx[r, j]), "token": words[r * k + j], "logit": float(val[r, j]),
-                             "p": float(prob[r, j])} for j in range(k)]
+            out[r][side] = [{"id": flat[r * k + j], "token": words[r * k + j], "piece": pieces[r * k + j],
+                             "logit": float(val[r, j]), "p": float(prob[r, j])} for j in range(k)]
     return out
 
 
@@ -351,20 +235,26 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def lens_source(model: nn.Module, tokenizer: Any, means: Mapping[str, torch.Tensor], layer: int, top_k: int) -> dict:
     """A source's JSON block: per block ``δ_L``'s norm (absolute, relative to the mean ``‖h_base‖``), its
-    cosine to the mean base activation, the mean norms and the logit lens; at ``layer`` the same per slot."""
+    cosine to the mean base activation, the mean norms and the logit lens; at ``layer`` the same per slot.
+    A zero ``δ`` (a block the fine-tune has not reached: every token ties) has no reading (None)."""
     delta, per_pos, count = means["delta"], means["delta_per_position"], means["count"]
-    reads = token_readings(logit_lens(model, delta), tokenizer, top_k)
-    dn, bn, cn = delta.norm(dim=-1), means["base_norm"], means["chat_norm"]
-    cos = _cosine(delta, means["base_mean"])
-    rows = [{"layer": L, "delta_norm": float(dn[L]), "delta_norm_relative": float(dn[L] / bn[L]) if bn[L] > 0 else None,
-             "base_norm": float(bn[L]), "chat_norm": float(cn[L]), "cos_base_mean": float(cos[L]),
-             "top_tokens": reads[L]["top"], "bottom_tokens": reads[L]["bottom"]} for L in range(delta.shape[0])]
-    filled = (count > 0).nonzero().flatten().tolist()
-    pos_reads = token_readings(logit_lens(model, per_pos[layer, filled]), tokenizer, top_k) if filled else []
+    n_layers, filled = delta.shape[0], (count > 0).nonzero().flatten().tolist()
+    vecs = torch.cat([delta, per_pos[layer, filled]])  # one lens pass for both
+    reads, norms = token_readings(logit_lens(model, vecs), tokenizer, top_k), vecs.norm(dim=-1)
+
+    def reading(i: int) -> dict[str, Any]:
+        some = bool(norms[i] > 0)
+        return {"delta_norm": float(norms[i]), "top_tokens": reads[i]["top"] if some else None,
+                "bottom_tokens": reads[i]["bottom"] if some else None}
+
+    bn, cn, cos = means["base_norm"], means["chat_norm"], _cosine(delta, means["base_mean"])
+    rows = [{"layer": L, **reading(L), "delta_norm_relative": float(norms[L] / bn[L]) if bn[L] > 0 else None,
+             "base_norm": float(bn[L]), "chat_norm": float(cn[L]),
+             "cos_base_mean": float(cos[L]) if norms[L] > 0 else None} for L in range(n_layers)]
     positions = [{"position": p, "n_tokens": int(count[p]), "delta_norm": None, "top_tokens": None, "bottom_tokens": None}
                  for p in range(per_pos.shape[1])]
-    for p, r in zip(filled, pos_reads):
-        positions[p].update(delta_norm=float(per_pos[layer, p].norm()), top_tokens=r["top"], bottom_tokens=r["bottom"])
+    for j, p in enumerate(filled):
+        positions[p].update(reading(n_layers + j))
     return {"n_sequences": None, "n_tokens": int(count.sum()), "n_tokens_per_position": count.tolist(),
             "per_layer": rows, "at_layer": {"layer": layer, "positions": positions}}
 
@@ -384,11 +274,9 @@ def steer_lens(pair: ModelPair, directions: Mapping[str, torch.Tensor], norms: M
     scaled to ``norms[source][model]`` (the model's mean residual norm there), for each ``a`` in
     ``cfg.alphas``: ``baseline`` (unsteered) and ``runs`` ``{source, model, alpha, vector_norm, kl_mean,
     kl_last, rates, examples}`` (``rates`` None without a ground truth)."""
-    from .steering import SteerConfig, _example_indices, _measure, steering, steering_kl
-
     scfg = SteerConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
     models = {"base": pair.base, "chat": pair.chat}
-    ex = _example_indices(prompts, cfg.n_examples)
+    ex = example_indices(prompts, cfg.n_examples)
     texts = [q["text"] for q in prompts]
 
     def examples(gens: list[str]) -> list[dict]:
@@ -396,7 +284,7 @@ def steer_lens(pair: ModelPair, directions: Mapping[str, torch.Tensor], norms: M
 
     baseline = {}
     for name in cfg.models:
-        gens, rates = _measure(models[name], pair.tokenizer, list(prompts), ground_truth, scfg)
+        gens, rates = measure_generations(models[name], pair.tokenizer, list(prompts), ground_truth, scfg)
         baseline[name] = {"rates": rates, "examples": examples(gens)}
     runs = []
     todo = [(s, m) for s in directions for m in cfg.models]
@@ -407,7 +295,7 @@ def steer_lens(pair: ModelPair, directions: Mapping[str, torch.Tensor], norms: M
                                            batch_size=cfg.batch_size)
             for k, a in enumerate(cfg.alphas):
                 with steering(models[name], layer, vecs[k]):
-                    gens, rates = _measure(models[name], pair.tokenizer, list(prompts), ground_truth, scfg)
+                    gens, rates = measure_generations(models[name], pair.tokenizer, list(prompts), ground_truth, scfg)
                 runs.append({"source": source, "model": name, "alpha": a, "vector_norm": float(vecs[k].norm()),
                              "kl_mean": float(kl_mean[k]), "kl_last": float(kl_last[k]), "rates": rates,
                              "examples": examples(gens)})
@@ -427,12 +315,8 @@ def lens_pair(pair: ModelPair, rows: Mapping[str, Sequence[Sequence[int]]], laye
     """The lens on a loaded pair: ``rows`` maps each source to its token rows (``text``: :func:`text_rows`;
     ``chat``: rendered prompts). Returns the ``crossdiff lens`` JSON (without ``inputs``) and the tensors of
     the safetensors file (see :func:`write_lens`)."""
-    from .locate import n_blocks
-    from .steering import subsample_prompts
-
     n_layers = n_blocks(pair)
-    if not 0 <= layer < n_layers:
-        raise ConfigError(f"layer {layer} does not exist ({n_layers} blocks): choose a layer in 0..{n_layers - 1}")
+    _check_layer(layer, n_layers)
     t0 = time.perf_counter()
     means: dict[str, dict[str, torch.Tensor]] = {}
     sources: dict[str, Any] = {}
@@ -484,10 +368,6 @@ def diff_lens(base: str, chat: str, *, text: Sequence[Any] | None = None, chats:
     """The activation-difference lens of a base/chat pair on text data and/or chat data (the first user
     turn of each conversation), steering on ``prompts`` / ``behaviours`` (see :func:`steering_inputs`) at
     the block :func:`resolve_layer` picks. Returns the ``crossdiff lens`` JSON and its tensors."""
-    from .locate import n_blocks
-    from .models import load_pair
-    from .steering import first_user_turns
-
     cfg = cfg or DiffLensConfig()
     text, chats = list(text or []), list(chats or [])
     if not text and not chats:
@@ -527,8 +407,6 @@ def write_lens(result: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], o
     """Write the JSON (``out``) and the tensors (:func:`vectors_path`), each atomically; the JSON names
     the tensors file and its keys."""
     from safetensors.torch import save_file
-
-    from .fileio import atomic_write, write_json
 
     out = Path(out)
     st = vectors_path(out)

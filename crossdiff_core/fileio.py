@@ -1,9 +1,11 @@
 """Writing files so that a reader never sees half of one: write to a temporary name beside the target,
 then rename it (``os.replace`` is atomic on one file system). JSON is written with non-finite numbers as
-``null``, so every file stays valid JSON for DVC, MLflow and browsers."""
+``null``, so every file stays valid JSON for DVC, MLflow and browsers. :func:`file_sha256` is the
+digest records of written files hold (a crosscoder's weights, a checkpoint)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -81,3 +83,12 @@ def write_jsonl(rows: list[Any], path: str | os.PathLike) -> Path:
     """One JSON object per line, atomically."""
     text = "".join(json.dumps(json_safe(r), allow_nan=False, default=str) + "\n" for r in rows)
     return atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -62,8 +62,12 @@ def load_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
         p = p / "ground_truth.json"
     if not p.is_file():
         raise CrossdiffError(f"no ground truth at {p}: build the default pair with `crossdiff toy-models --out DIR`")
-    gt = json.loads(p.read_text())
-    if gt.get("format_version") != GROUND_TRUTH_VERSION:
+    try:
+        gt = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CrossdiffError(f"{p} is not readable JSON ({exc}): rebuild it with `crossdiff toy-models --out DIR`") from None
+    if not isinstance(gt, dict) or gt.get("format_version") != GROUND_TRUTH_VERSION:
+        gt = gt if isinstance(gt, dict) else {}
         raise CrossdiffError(f"{p} has format_version {gt.get('format_version')}, expected {GROUND_TRUTH_VERSION}: rebuild it")
     return gt
 

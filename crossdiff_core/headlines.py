@@ -1,5 +1,5 @@
 """Each stage's headline numbers: the few values of its product worth an MLflow metric or a line on the
-terminal. They sit above the stages (the steering headline reads :func:`~crossdiff_core.steering.refusal_effects`),
+terminal. They sit above the stages (the steering headline reads :func:`~crossdiff_core.steering.behaviour_effects`),
 apart from :mod:`crossdiff_core.runs`, which the stages themselves open their inputs with."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from .steering import raising_runs, refusal_effects
+from .steering import behaviour_effects, behaviour_names, raising_runs
 
 
 def analysis_headline(summary: dict) -> dict:
@@ -31,21 +31,32 @@ def kl_headline(d: dict) -> dict:
     return out
 
 
-def steering_headline(res: dict, behaviour: str = "refusal") -> dict:
-    """The numbers of a sweep worth a metric: how many latents were steered and, with a ground truth, how many
-    raise the base model's ``behaviour`` (whole, and its onset) on trigger prompts at some a, and the run that
-    raises each most (latent, class, a, rates steered and unsteered). No "best" run when none raises it."""
+def steering_headline(res: dict) -> dict:
+    """The numbers of a sweep worth a metric: how many latents were steered and, for every behaviour ``b``
+    the sweep measured, how many latents raise it at some a (``base_<b>``: in the base model on its trigger
+    prompts; ``chat_<b>``: in the chat model on the prompts that do not trigger it; each also for its
+    onset, ``..._onset``) and the run that raises it most (latent, class, a, rates steered and unsteered);
+    no "best" run where none raises it. With tracking, ``tracking_<b>``: the best tracker's latent, class
+    and AUROC, and the best chat-only tracker's AUROC."""
     out: dict[str, Any] = {"latents": len(res["latents"]), "seconds": res.get("seconds")}
-    eff = refusal_effects(res, behaviour) if res.get("has_ground_truth") else pd.DataFrame()
-    if not len(eff):
-        return out
-    for key, rise, rate, other in ((f"base_{behaviour}", "rise", "trigger_rate", "other_rate"),
-                                   (f"base_{behaviour}_onset", "onset_rise", "onset_trigger_rate", "onset_other_rate")):
-        up = raising_runs(eff, rise)
-        out[f"{key}_raised_by"] = int(up["latent"].nunique())
-        if len(up):
-            best = up.iloc[0]
-            out[f"{key}_best"] = {"latent": int(best["latent"]), "class": best["class"], "alpha": float(best["alpha"]),
-                                  rate: float(best[rate]), "unsteered": float(best[f"{rate}_unsteered"]),
-                                  other: float(best[other])}
+    for b in behaviour_names(res):
+        # the base model is asked to show b where it should; the chat model, which already does, elsewhere
+        for model, side, rates in (("base", "", ("trigger_rate", "other_rate")),
+                                   ("chat", "other_", ("other_rate", "trigger_rate"))):
+            eff = behaviour_effects(res, b, model)
+            if not len(eff):
+                continue
+            for key, onset in ((f"{model}_{b}", ""), (f"{model}_{b}_onset", "onset_")):
+                rate, other = (onset + r for r in rates)
+                up = raising_runs(eff, f"{onset}{side}rise")
+                out[f"{key}_raised_by"] = int(up["latent"].nunique())
+                if len(up):
+                    best = up.iloc[0]
+                    out[f"{key}_best"] = {"latent": int(best["latent"]), "class": best["class"],
+                                          "alpha": float(best["alpha"]), rate: float(best[rate]),
+                                          "unsteered": float(best[f"{rate}_unsteered"]), other: float(best[other])}
+        tr = (res.get("tracking") or {}).get(b)
+        if tr and tr.get("best"):
+            co = tr["best_by_class"].get("chat_only")
+            out[f"tracking_{b}"] = {**tr["best"][0], "chat_only_auroc": co["auroc"] if co else None}
     return out

@@ -19,7 +19,7 @@ greedy first answer token ``t*`` (for a planted behaviour, its opening). Means o
 (``expected`` set), per behaviour, and over the other prompts.
 
 Cost per batch: one forward pass of each model captures every block's output; then, per block, only the
-chat model's later blocks, final norm and head run (kl_eval's :func:`~crossdiff_core.kl_eval.suffix_logits`),
+chat model's later blocks, final norm and head run (:func:`~crossdiff_core.patching.suffix_logits`),
 with logits at the evaluated positions only.
 
 Recommended layer (:func:`recommend_layer`): the earliest candidate block whose score reaches
@@ -41,7 +41,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -52,8 +52,9 @@ from tqdm.auto import tqdm
 from .config import from_dict, neutral
 from .errors import ConfigError, ModelMismatchError
 from .generation import pad_token_id, render_prompts
-from .kl_eval import CATEGORIES, _kl_to, block_returns_tuple, make_batch, suffix_logits
+from .kl_eval import CATEGORIES, make_batch
 from .models import ModelPair, block_outputs, text_config
+from .patching import block_returns_tuple, kl_to, suffix_logits
 
 FORMAT_VERSION = 1
 KL_KEYS = tuple(f"kl_{c}" for c in CATEGORIES)  # kl_first9, kl_response, kl_template
@@ -80,6 +81,11 @@ class LocateConfig:
     min_kl: float = 1e-3  # noise floor of a KL score (nats): a largest value below it is no change
     min_p_drop: float = 0.05  # noise floor of the behaviour score (drop of the opening token's probability)
     progress: bool = neutral(True)  # show a progress bar
+    # what :func:`locate` runs on unless given as arguments: chat data (a messages column: files or datasets
+    # names) and a behaviour spec or prompt file (:func:`behaviour_prompts`; the pipeline's None: the toy
+    # pair's ground truth where it has one)
+    chats: list = field(default_factory=list)
+    behaviours: str | None = None
 
     def __post_init__(self) -> None:
         ints = {"max_length": 2, "batch_size": 1, "prompt_batch_size": 1, "max_logit_elements": 1, "exclude_last": 0}
@@ -107,26 +113,21 @@ class LocateConfig:
 def behaviour_prompts(spec: str | os.PathLike) -> list[dict]:
     """``[{"text", "expected"}]`` single-turn prompts (``expected``: the behaviour a prompt triggers, or None).
 
-    ``spec``: a toy pair's ``ground_truth.json`` (or its build directory; its held-out ``eval_prompts``),
-    or a ``.jsonl`` / ``.json`` / ``.txt`` prompt file (:func:`crossdiff_core.steering.read_prompts`).
-    A ``behaviours.yaml`` spec loader slots in here."""
-    from .ground_truth import load_ground_truth
+    ``spec``: a behaviour spec (``behaviours.yaml`` / ``.json``, :mod:`crossdiff_core.behaviours`), a toy
+    pair's ``ground_truth.json`` or its build directory (its held-out ``eval_prompts``, read as a spec), or a
+    ``.jsonl`` / ``.json`` / ``.txt`` prompt file (:func:`crossdiff_core.steering.read_prompts`)."""
+    from .behaviours import load_behaviours
     from .steering import read_prompts
 
     p = Path(spec)
-    if p.suffix in (".yaml", ".yml"):
-        raise ConfigError(f"{p}: behaviour specs (behaviours.yaml) are not supported yet; pass a ground_truth.json "
-                          "or a .jsonl file of {\"text\", \"expected\"} prompts")
-    if p.is_dir() or p.name == "ground_truth.json" or (p.suffix == ".json" and _is_object(p)):
-        prompts = load_ground_truth(p).get("eval_prompts") or []
-        if not prompts:
-            raise ConfigError(f"{p} holds no eval_prompts: rebuild it with `crossdiff toy-models`, "
-                              "or pass a prompt file")
-        return [{"text": q["text"], "expected": q.get("expected")} for q in prompts]
+    if p.suffix in (".yaml", ".yml") or p.is_dir() or p.name == "ground_truth.json" or (p.suffix == ".json"
+                                                                                      and is_json_object(p)):
+        return load_behaviours(p).prompts()
     return read_prompts(str(p))
 
 
-def _is_object(path: Path) -> bool:
+def is_json_object(path: Path) -> bool:
+    """Whether the JSON file ``path`` holds an object (a ground truth or spec) rather than a prompt list."""
     if not path.is_file():
         raise ConfigError(f"behaviour file {path} does not exist")
     try:
@@ -195,7 +196,7 @@ def layer_kl(pair: ModelPair, sequences: Sequence[Any], cfg: LocateConfig | None
         logp_chat = torch.log_softmax(next(sweep).float(), dim=-1)
         p_chat = logp_chat.exp()
         for L, logits in enumerate(sweep):
-            kl_sum[L] += _kl_to(logits.unsqueeze(0), logp_chat, p_chat)[0].double() @ gmask.T
+            kl_sum[L] += kl_to(logits.unsqueeze(0), logp_chat, p_chat)[0].double() @ gmask.T
             if bar is not None:
                 bar.update(1)
     n = n_tok.cpu().numpy()
@@ -234,7 +235,7 @@ def prompt_kl(pair: ModelPair, prompts: Sequence[dict], cfg: LocateConfig | None
         sl = slice(a, a + len(chunk))
         top[sl], p_chat[sl] = t.cpu().numpy(), pc.gather(1, t[:, None])[:, 0].double().cpu().numpy()
         for L, logits in enumerate(sweep):
-            kl[L, sl] = _kl_to(logits.unsqueeze(0), logp_chat, pc)[0].double().cpu().numpy()
+            kl[L, sl] = kl_to(logits.unsqueeze(0), logp_chat, pc)[0].double().cpu().numpy()
             p[L, sl] = torch.softmax(logits.float(), -1).gather(1, t[:, None])[:, 0].double().cpu().numpy()
             if bar is not None:
                 bar.update(1)
@@ -331,21 +332,26 @@ def _scores(per_layer: dict[str, Any], summary: dict | None, cfg: LocateConfig) 
 # ---- the whole run -----------------------------------------------------------------------------------
 
 def locate(base: str, chat: str, *, chats: Sequence[Any] | None = None, behaviours: str | os.PathLike | None = None,
-           cfg: LocateConfig | None = None) -> dict[str, Any]:
+           cfg: LocateConfig | None = None, base_revision: str | None = None,
+           chat_revision: str | None = None) -> dict[str, Any]:
     """Per-block patching KL of a base/chat pair on chat data (``chats``: sources with a ``messages``
     column) and/or behaviour prompts (``behaviours``: see :func:`behaviour_prompts`), and the recommended
-    layer. Returns the ``crossdiff locate`` JSON (see :func:`write_locate`)."""
+    layer. ``chats`` / ``behaviours`` left None: ``cfg.chats`` / ``cfg.behaviours``. Returns the
+    ``crossdiff locate`` JSON (see :func:`write_locate`)."""
     from .data import DataConfig, build_corpus
     from .models import load_pair
 
     cfg = cfg or LocateConfig()
-    chats = list(chats or [])
+    cfg = replace(cfg, chats=list(cfg.chats if chats is None else chats),
+                  behaviours=cfg.behaviours if behaviours is None else str(behaviours))
+    chats, behaviours = cfg.chats, cfg.behaviours
     if not chats and behaviours is None:
         raise ConfigError("nothing to locate on: pass chat data (--chats, a `messages` column) and/or behaviour "
                           "prompts (--behaviours ground_truth.json or prompts.jsonl)")
     prompts = behaviour_prompts(behaviours) if behaviours is not None else None
     t0 = time.perf_counter()
-    pair = load_pair(base, chat, layer=0, dtype=cfg.dtype, device=cfg.device)
+    pair = load_pair(base, chat, layer=0, dtype=cfg.dtype, device=cfg.device, base_revision=base_revision,
+                     chat_revision=chat_revision)
     n_blocks(pair)
     seqs: list[Any] = []
     if chats:
@@ -424,9 +430,10 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
 
 
-def plot_locate(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_locate(result: Mapping[str, Any], path: str | os.PathLike, *, cached: Sequence[int] = ()) -> Path:
     """PNG: KL per block (the three token groups, and the first-answer-token KL on behaviour prompts),
-    and with behaviour prompts the opening token's probability per block; the recommended block marked."""
+    and with behaviour prompts the opening token's probability per block; the recommended block marked
+    (and the ``cached`` blocks: those the crosscoders read, when the report draws it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,6 +469,9 @@ def plot_locate(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     for a in axes[:, 0]:
         a.axvline(result["recommended_layer"], color="tab:red", lw=1.2, alpha=0.7,
                   label=f"recommended: block {result['recommended_layer']}")
+        for i, L in enumerate(sorted(set(cached))):
+            a.axvline(L, color="tab:purple", lw=1.2, ls="--", alpha=0.8,
+                      label="cached (the crosscoders read it)" if i == 0 else None)
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("block L (base block-L output patched into the chat model)")
@@ -470,6 +480,16 @@ def plot_locate(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
     return path
+
+
+def locate_headline(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat numbers of a locate result (DVC metrics, MLflow): ``recommended_layer``, ``n_layers`` and
+    ``kl_first9_L{L}`` per block (and ``p_first_token_trigger_L{L}`` with behaviour prompts)."""
+    out: dict[str, Any] = {"recommended_layer": result["recommended_layer"], "n_layers": result["n_layers"],
+                           "recommended_by": result.get("recommended_by")}
+    for key in ("kl_first9", "p_first_token_trigger"):
+        out |= {f"{key}_L{r['layer']}": r[key] for r in result["per_layer"] if r.get(key) is not None}
+    return out
 
 
 def write_locate(result: Mapping[str, Any], out: str | os.PathLike, plot: str | os.PathLike | None = None

@@ -9,7 +9,7 @@ forward pass for every block but the last (transformers applies the final norm t
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -257,6 +257,9 @@ class ModelPair:
     chat_name: str
     dtype: torch.dtype
     device: torch.device
+    # how the pair was checked against a crosscoder's training cache (runs.check_models), for the records
+    models_check: str | None = None
+    _fingerprints: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def d_model(self) -> int:
@@ -273,7 +276,7 @@ class ModelPair:
 
     def fingerprints(self) -> dict[str, dict[str, str]]:
         """:func:`model_fingerprint` of each model, ``{"base": ..., "chat": ...}`` (computed once)."""
-        if getattr(self, "_fingerprints", None) is None:
+        if self._fingerprints is None:
             self._fingerprints = {"base": model_fingerprint(self.base), "chat": model_fingerprint(self.chat)}
         return self._fingerprints
 

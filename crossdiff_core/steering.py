@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .behaviours import load_behaviours, measure, rules, steering_record
+from .chat_rank import top_chat
 from .config import from_dict, neutral
 from .crosscoder import CrossCoder
 from .data import load_source
@@ -38,9 +40,8 @@ from .decoder_norms import CHAT_ONLY, CLASSES, DEAD, SHARED
 from .errors import ConfigError, CrossdiffError
 from .fileio import json_safe
 from .generation import generate_texts, left_pad, pad_token_id, render_prompts
-from .behaviours import BehaviourSpec, load_behaviours, measure, rules, steering_record
 from .models import ModelPair, decoder_layers, resolve_device
-from .runs import pair_for, read_latents
+from .runs import CROSSCODER_SHA, pair_for, read_latents
 
 MODELS = ("base", "chat")
 
@@ -208,7 +209,9 @@ def tracking_summary(table: pd.DataFrame, tracking: pd.DataFrame, n: int = 5) ->
 def choose_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tracking: pd.DataFrame | None = None,
                    n_tracking: int = 4, seed: int = 0) -> list[dict]:
     """:func:`select_latents` with the reasons: ``[{"latent", "class", "reasons": [...]}]`` in steering
-    order; a reason is ``nu_rank`` (most chat-specific chat-only), ``tracks:<b>`` (among the ``n_tracking``
+    order; a reason is ``nu_rank`` (most chat-specific chat-only), ``chat_rank`` (filling ``n_top`` from the
+    most chat-specific live latents of any class, :func:`~crossdiff_core.chat_rank.top_chat`, when fewer than
+    ``n_top`` latents are chat-only), ``tracks:<b>`` (among the ``n_tracking``
     best trackers of behaviour ``b`` over all live latents), ``best_<class>:<b>`` (the best tracker of its
     class) or ``shared_control``."""
     fired = table[np.isfinite(table["max_act"].to_numpy(dtype=float)) & (table["class"] != DEAD)]
@@ -222,6 +225,9 @@ def choose_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tr
     t = co.assign(_nan=co["nu_rank"].isna()).sort_values(["_nan", "nu_rank", "latent"], kind="stable")
     for j in t["latent"].head(n_top):
         add(j, "nu_rank")
+    if len(t) < n_top:  # few or no chat-only latents: the most chat-specific live latents of any class stand in
+        for j in [j for j in top_chat(fired, n_top) if int(j) not in chosen][: n_top - len(t)]:
+            add(j, "chat_rank")
     if tracking is not None:
         for b in tracking_behaviours(tracking):
             ranked = rank_trackers(fired, tracking, b)
@@ -243,7 +249,8 @@ def choose_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tr
 def select_latents(table: pd.DataFrame, *, n_top: int = 8, n_shared: int = 2, tracking: pd.DataFrame | None = None,
                    n_tracking: int = 4, seed: int = 0) -> list[int]:
     """Latents to steer (live ones only: finite ``max_act``, not dead): the ``n_top`` most chat-specific
-    chat-only latents (lowest ν rank); per tracked behaviour (``tracking``: :func:`behaviour_tracking`) its
+    chat-only latents (lowest ν rank), filled up to ``n_top`` from the most chat-specific live latents of any
+    class when fewer are chat-only; per tracked behaviour (``tracking``: :func:`behaviour_tracking`) its
     ``n_tracking`` best trackers over all live latents of every class (:func:`rank_trackers`: ties go to
     chat-only) and the best tracker of each class; then ``n_shared`` random shared latents (controls).
     Each latent once, in that order; :func:`choose_latents` says why each was chosen."""
@@ -321,10 +328,13 @@ class SteerConfig:
     models: tuple[str, ...] = MODELS  # which models are steered
     max_new_tokens: int = 20  # tokens generated per answer
     n_examples: int = 6  # generations kept per run in the results (all are measured)
-    prompts: str | None = None  # prompt file (.txt lines, .jsonl/.json with `text`); None: the ground truth's
+    # behaviour spec (behaviours.yaml/.json, or a toy ground_truth.json): tracking, rates and default prompts;
+    # None: the toy pair's ground truth where the pipeline has one, else no behaviours
+    behaviours: str | None = None
+    prompts: str | None = None  # prompt file (.txt lines, .jsonl/.json with `text`); None: the behaviour spec's
     latents: list[int] | None = None  # latents to steer; None: chosen by ν rank, behaviour tracking and a shared sample
     n_top: int = 8  # default choice: most chat-specific chat-only latents (ν rank)
-    n_tracking: int = 4  # default choice: chat-only latents tracking each planted behaviour best
+    n_tracking: int = 4  # default choice: best trackers of each behaviour over all live latents (+ each class's best)
     n_shared: int = 2  # default choice: random shared latents (controls)
     max_prompts: int | None = 60  # at most this many prompts (each behaviour keeps its share); None: all
     seed: int = 0  # prompt subsampling and the shared sample
@@ -332,9 +342,14 @@ class SteerConfig:
     batch_size: int = neutral(64)  # prompts per generation batch
     device: str = neutral("cpu")  # torch device: cpu, cuda or auto
     progress: bool = neutral(True)  # progress bar
+    allow_mismatch: bool = neutral(False)  # deliberate cross-use: models or latents.parquet not the crosscoder's own
 
     def __post_init__(self) -> None:
         self.alphas = tuple(float(a) for a in self.alphas)
+        if not all(math.isfinite(a) for a in self.alphas):
+            raise ConfigError(f"steering coefficients must be finite numbers, got {list(self.alphas)}")
+        if self.max_prompts is not None and self.max_prompts < 0:
+            raise ConfigError(f"max_prompts must be >= 0 (0 or None: all prompts), got {self.max_prompts}")
         self.models = tuple(self.models)
         if not self.alphas:
             raise ConfigError("give at least one steering coefficient a")
@@ -350,7 +365,7 @@ class SteerConfig:
         return from_dict(cls, d, section=section)
 
 
-def _example_indices(prompts: Sequence[dict], n: int) -> list[int]:
+def example_indices(prompts: Sequence[dict], n: int) -> list[int]:
     """Up to ``n`` prompts spread over the ``expected`` labels (round robin), for the results file."""
     by: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -363,38 +378,40 @@ def _example_indices(prompts: Sequence[dict], n: int) -> list[int]:
     return sorted(out)
 
 
-def _measure(model: nn.Module, tokenizer: Any, prompts: list[dict], ground_truth: dict | None,
-             cfg: SteerConfig) -> tuple[list[str], dict | None]:
-    """Generations (and planted-behaviour rates when there is a ground truth) with whatever hooks are on."""
-    if ground_truth is None:
+def measure_generations(model: nn.Module, tokenizer: Any, prompts: list[dict], behaviours: Any,
+                        cfg: SteerConfig) -> tuple[list[str], dict | None]:
+    """Generations (and behaviour rates when there are ``behaviours``: a spec or a ground truth) with
+    whatever hooks are on."""
+    if behaviours is None:
         return generate_texts(model, tokenizer, [p["text"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size), None
-    m = measure_behaviours(model, ground_truth, prompts, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size)
+    m = measure(model, behaviours, prompts, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size)
     return [g["response"] for g in m["generations"]], {"rates": m["rates"], "any_rate": m["any_rate"]}
 
 
 def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: Sequence[int],
                  prompts: Sequence[dict | str], cfg: SteerConfig | None = None, *,
-                 ground_truth: dict | None = None) -> dict:
+                 behaviours: Any = None, chosen_for: dict[int, list[str]] | None = None) -> dict:
     """Steer each latent in ``latents`` on each model with each ``a``; returns a JSON-friendly dict:
-    ``baseline`` (unsteered generations and rates per model) and per latent its runs
-    ``{model, alpha, kl_mean, kl_last, rates, examples}``."""
+    ``baseline`` (unsteered generations and rates per model), ``behaviours`` (name, answer, onset of each;
+    ``[]`` without a spec) and per latent its runs ``{model, alpha, kl_mean, kl_last, rates, examples}`` and
+    ``chosen_for`` (why it was chosen, when given). ``behaviours``: a spec or ground truth (rates), or None."""
     cfg = cfg or SteerConfig()
     prompts = [{"text": p, "expected": None} if isinstance(p, str) else dict(p) for p in prompts]
     if not prompts:
-        raise ConfigError("no steering prompts: pass some (or a ground truth with eval_prompts)")
+        raise ConfigError("no steering prompts: pass some (or a behaviour spec with prompts)")
     latents = [int(j) for j in latents]
     rows = table.set_index("latent").reindex(latents)
     if rows["max_act"].isna().any():
         missing = [j for j, v in zip(latents, rows["max_act"]) if not np.isfinite(v)]
         raise CrossdiffError(f"latents {missing} are not in the table or never fired: steer latents that fire")
     t0 = time.perf_counter()
-    ex = _example_indices(prompts, cfg.n_examples)
+    ex = example_indices(prompts, cfg.n_examples)
     models = {"base": pair.base, "chat": pair.chat}
     baseline = {}
     for name in cfg.models:
-        gens, rates = _measure(models[name], pair.tokenizer, prompts, ground_truth, cfg)
+        gens, rates = measure_generations(models[name], pair.tokenizer, prompts, behaviours, cfg)
         baseline[name] = {"rates": rates, "examples": [{"prompt": prompts[i]["text"], "expected": prompts[i]["expected"],
                                                         "response": gens[i]} for i in ex]}
     results = []
@@ -408,7 +425,7 @@ def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: 
                                        alphas[:, None] * vec[None], batch_size=cfg.batch_size)
         for k, a in enumerate(cfg.alphas):
             with steering(models[name], pair.layer, a * vec):
-                gens, rates = _measure(models[name], pair.tokenizer, prompts, ground_truth, cfg)
+                gens, rates = measure_generations(models[name], pair.tokenizer, prompts, behaviours, cfg)
             per_latent[j].append({"model": name, "alpha": a, "kl_mean": float(kl_mean[k]), "kl_last": float(kl_last[k]),
                                   "rates": rates,
                                   "examples": [{"prompt": prompts[i]["text"], "expected": prompts[i]["expected"],
@@ -419,20 +436,31 @@ def run_steering(pair: ModelPair, cc: CrossCoder, table: pd.DataFrame, latents: 
         r = rows.loc[j]
         results.append({"latent": j, "class": r["class"], "max_act": float(r["max_act"]),
                         "nu_rank": float(r["nu_rank"]) if "nu_rank" in r and np.isfinite(r["nu_rank"]) else None,
-                        "runs": per_latent[j]})
+                        "chosen_for": (chosen_for or {}).get(j, ["given"]), "runs": per_latent[j]})
     out = {"alphas": list(cfg.alphas), "models": list(cfg.models), "n_prompts": len(prompts),
            "prompt_kinds": {k: sum(1 for p in prompts if str(p.get("expected")) == k)
                             for k in sorted({str(p.get("expected")) for p in prompts})},
-           "has_ground_truth": ground_truth is not None, "baseline": baseline, "latents": results,
-           "config": asdict(cfg), "seconds": time.perf_counter() - t0}
+           "has_ground_truth": behaviours is not None,
+           "behaviours": steering_record(behaviours) if behaviours is not None else [],
+           "baseline": baseline, "latents": results, "config": asdict(cfg), "seconds": time.perf_counter() - t0}
     return json_safe(out)
 
 
-def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base") -> pd.DataFrame:
+def behaviour_names(steer: dict) -> list[str]:
+    """The behaviours a steering result measured (its ``behaviours`` record, else its baseline's rates)."""
+    if steer.get("behaviours"):
+        return [b["name"] for b in steer["behaviours"]]
+    for b in (steer.get("baseline") or {}).values():
+        if (b or {}).get("rates"):
+            return list(b["rates"]["rates"])
+    return []
+
+
+def behaviour_effects(steer: dict, behaviour: str, model: str = "base") -> pd.DataFrame:
     """One row per (latent, a) run on ``model``: the ``behaviour``'s trigger and other rates steered and
     unsteered, the same for its onset (answers that open with its first word), and the rises on trigger
     prompts (``rise``, ``onset_rise``) and on the other prompts (``other_rise``, ``onset_other_rise``: for the
-    chat model, which already shows the behaviour on its triggers). Empty without a ground truth."""
+    chat model, which already shows the behaviour on its triggers). Empty without behaviour rates."""
     rows = []
     if not steer.get("has_ground_truth"):
         return pd.DataFrame(rows)
@@ -460,41 +488,47 @@ def refusal_effects(steer: dict, behaviour: str = "refusal", model: str = "base"
 
 
 def raising_runs(eff: pd.DataFrame, rise: str, *tie: str) -> pd.DataFrame:
-    """The rows of :func:`refusal_effects` with ``rise > 0`` (a rise column), largest rise first, then ``tie``
+    """The rows of :func:`behaviour_effects` with ``rise > 0`` (a rise column), largest rise first, then ``tie``
     columns ascending, then the latent."""
     cols = [rise, *tie, "latent"]
     return eff[eff[rise] > 0].sort_values(cols, ascending=[False] + [True] * (len(cols) - 1), kind="stable")
 
 
 def steer_crosscoder(crosscoder: str | os.PathLike, latents: str | os.PathLike, *, prompts: Sequence[dict] | None = None,
-                     ground_truth: str | os.PathLike | None = None, cfg: SteerConfig | None = None,
-                     base: str | None = None, chat: str | None = None, layer: int | None = None
-                     ) -> tuple[dict, pd.DataFrame | None]:
-    """Behaviour tracking (with a ground truth), the choice of latents and the steering sweep for a
-    crosscoder directory and its ``latents.parquet``. Prompts: ``prompts``, else ``cfg.prompts`` (a file),
-    else the ground truth's held-out prompts; at most ``cfg.max_prompts`` (each behaviour keeps its share).
-    Latents: ``cfg.latents``, else :func:`select_latents`. Returns the :func:`run_steering` result (plus
-    ``inputs``) and the tracking table (None without a ground truth)."""
+                     behaviours: Any = None, cfg: SteerConfig | None = None, base: str | None = None,
+                     chat: str | None = None, layer: int | None = None) -> tuple[dict, pd.DataFrame | None]:
+    """Behaviour tracking (with a behaviour spec), the choice of latents and the steering sweep for a
+    crosscoder directory and its ``latents.parquet``. ``behaviours``: a spec (a path
+    :func:`~crossdiff_core.behaviours.load_behaviours` reads, or a ``BehaviourSpec``), else
+    ``cfg.behaviours``, else none. Prompts: ``prompts``, else ``cfg.prompts`` (a file), else the spec's;
+    at most ``cfg.max_prompts`` (each behaviour keeps its share). Latents: ``cfg.latents``, else
+    :func:`choose_latents`. Returns the :func:`run_steering` result (plus ``inputs``, ``tracking``: the
+    :func:`tracking_summary`, and ``chosen``) and the tracking table (None without a spec)."""
     cfg = cfg or SteerConfig()
     dev = str(resolve_device(cfg.device))
+    behaviours = behaviours if behaviours is not None else cfg.behaviours
+    spec = load_behaviours(behaviours) if behaviours is not None else None
     cc = CrossCoder.load(crosscoder, device=dev)
-    table = read_latents(latents, cc)
-    gt = None
-    if ground_truth:
-        gt = load_ground_truth(ground_truth)
+    table = read_latents(latents, cc, allow_mismatch=cfg.allow_mismatch)
     if prompts is None and cfg.prompts:
         prompts = read_prompts(cfg.prompts)
     if prompts is None:
-        if gt is None:
-            raise ConfigError("steering needs prompts: pass a prompt file or a planted-behaviour ground truth")
-        prompts = gt["eval_prompts"]
+        if spec is None:
+            raise ConfigError("steering needs prompts: pass a prompt file or a behaviour spec (--behaviours SPEC)")
+        prompts = spec.prompts()
     plist = subsample_prompts(prompts, cfg.max_prompts, cfg.seed)
-    pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=cfg.dtype, device=dev)
-    track = behaviour_tracking(pair, cc, gt, plist, batch_size=cfg.batch_size) if gt is not None else None
-    chosen = [int(j) for j in cfg.latents] if cfg.latents else select_latents(
-        table, n_top=cfg.n_top, n_shared=cfg.n_shared, tracking=track, n_tracking=cfg.n_tracking, seed=cfg.seed)
-    res = run_steering(pair, cc, table, chosen, plist, cfg, ground_truth=gt)
-    res["inputs"] = {"crosscoder": str(crosscoder), "latents": str(latents),
-                     "ground_truth": str(ground_truth) if ground_truth else None,
+    pair = pair_for(cc, base=base, chat=chat, layer=layer, dtype=cfg.dtype, device=dev, allow_mismatch=cfg.allow_mismatch)
+    track = behaviour_tracking(pair, cc, spec, plist, batch_size=cfg.batch_size) if spec is not None else None
+    if cfg.latents:
+        chosen = [{"latent": int(j), "reasons": ["given"]} for j in cfg.latents]
+    else:
+        chosen = choose_latents(table, n_top=cfg.n_top, n_shared=cfg.n_shared, tracking=track,
+                                n_tracking=cfg.n_tracking, seed=cfg.seed)
+    res = run_steering(pair, cc, table, [c["latent"] for c in chosen], plist, cfg, behaviours=spec,
+                       chosen_for={c["latent"]: c["reasons"] for c in chosen})
+    res["tracking"] = json_safe(tracking_summary(table, track)) if track is not None else None
+    res["inputs"] = {"crosscoder": str(crosscoder), CROSSCODER_SHA: cc.weights_sha256, "latents": str(latents),
+                     "fingerprints": pair.fingerprints(), "models_check": pair.models_check,
+                     "behaviours": (spec.source or "given") if spec is not None else None,
                      "models": {"base": pair.base_name, "chat": pair.chat_name}, "layer": pair.layer}
     return res, track

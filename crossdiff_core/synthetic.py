@@ -299,24 +299,26 @@ def generate(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor, Truth]:
 
 
 def write_cache(cfg: SyntheticConfig, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                progress: bool = False) -> dict:
+                progress: bool = False, overwrite: bool = False) -> dict:
     """Write the planted data as an activation cache (DESIGN §2) plus ``truth.json``/``truth.safetensors``;
-    returns the manifest. Shards already complete for the same config are kept (re-runs resume)."""
+    returns the manifest. Shards already complete for the same config are kept (re-runs resume); a
+    directory holding a cache of another config is refused unless ``overwrite`` (its cache files are
+    deleted first, :class:`~crossdiff_core.cache.CacheWriter`)."""
     from .cache import CacheWriter
 
     truth = make_truth(cfg)
     meta = {"models": {"base": "synthetic:base", "chat": "synthetic:chat"}, "source": "synthetic",
             "synthetic": asdict(cfg)}
-    writer = CacheWriter(out_dir, d_model=cfg.d_model, layer=0, dtype=dtype, metadata=meta)
-    it = range(cfg.n_shards)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc="synth shards", unit="shard")
-    for i in it:
-        if not writer.is_complete(i):
-            base, chat, tokens = generate_shard(cfg, truth, i)
-            writer.write_shard(i, base, chat, tokens)
-    manifest = writer.finalize(cfg.n_shards)
+    with CacheWriter(out_dir, d_model=cfg.d_model, layer=0, dtype=dtype, metadata=meta, overwrite=overwrite) as writer:
+        it = range(cfg.n_shards)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc="synth shards", unit="shard")
+        for i in it:
+            if not writer.is_complete(i):
+                base, chat, tokens = generate_shard(cfg, truth, i)
+                writer.write_shard(i, base, chat, tokens)
+        manifest = writer.finalize(cfg.n_shards)
     truth.save(out_dir)
     return manifest
 

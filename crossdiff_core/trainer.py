@@ -26,6 +26,7 @@ from .crosscoder import KINDS, CrossCoder, CrossCoderSettings
 from .fileio import atomic_write
 from .errors import CacheError, CheckpointError, ConfigError, TrainingDivergedError
 from .metrics import _autocast, evaluate
+from .normalisation import cache_scales
 
 
 @dataclass
@@ -59,6 +60,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        negative = {f"--{k.replace('_', '-')}": getattr(self, k) for k in ("val_tokens", "val_every", "checkpoint_every")
+                    if getattr(self, k) < 0}
+        if negative or self.dead_tokens < 1:
+            raise ConfigError(f"{negative or {'--dead-tokens': self.dead_tokens}}: --val-tokens, --val-every and "
+                              "--checkpoint-every must be >= 0 (0: none / only at the end), --dead-tokens >= 1")
+        fracs = {k: getattr(self, k) for k in ("warmup_frac", "decay_frac", "l1_warmup_frac")}
+        if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in fracs.values()):
+            raise ConfigError(f"train fractions must be in [0, 1], got {fracs}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"grad_clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
         if self.tokens < self.batch_size:
             raise ConfigError(f"--tokens ({self.tokens}) is less than one batch ({self.batch_size}); raise --tokens")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -327,7 +340,8 @@ def train_crosscoder(cache_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     cfg = train.crosscoder.config(kind, cache.d_model, training_tokens=train.tokens,
                                   cache=str(Path(cache_dir).resolve()), cache_manifest_hash=cache.manifest_hash)
     torch.manual_seed(train.seed)
-    model = CrossCoder(cfg, scales=cache.scales(), mean=cache_mean(cache), device=train.device, seed=train.seed)
+    scales = cache_scales(cache, cfg.normalisation)
+    model = CrossCoder(cfg, scales=scales, mean=cache_mean(cache), device=train.device, seed=train.seed)
     trainer = trainer_cls(model, cache, train, out_dir, on_metrics=on_metrics)
     trainer.try_resume()
     result = trainer.train()

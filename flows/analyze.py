@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import DEFAULT_PARAMS, Layout, cli, load_params
+from crossdiff_core.analysis import AnalysisConfig
+from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section
 from tasks import tracking
-from tasks.analysis import LATENTS, PLOTS, SUMMARY, analyze_task
+from tasks.analysis import analyze_task
 from tasks.io import write_json
+from tasks.products import LATENTS, PLOTS, SUMMARY
 
 
 @flow(name="crossdiff-analyze")
 def analyze_flow(kind: str, params_file: str = DEFAULT_PARAMS) -> dict:
     p = load_params(params_file)
     L, a = Layout(p), p["analyze"]
+    section(p, "analyze", AnalysisConfig)  # a typo fails before any work
     out = L.analysis(kind)
     with tracking.stage_run(f"analyze-{kind}", params={"kind": kind, **a}, full_params=p,
                             params_file=p["params_file"], experiment=p["tracking"]["experiment"]) as run:

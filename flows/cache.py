@@ -4,17 +4,27 @@ The shard plan is cut into ``cache.slices`` round-robin slices, one flow run eac
 (``crossdiff-cache-slice``); with ``cache.deployment`` set they run as deployments on the work pool's
 workers (all writing into one shared cache directory), else here one after the other. A merge then
 writes tokens.parquet and the one manifest. Re-running resumes: complete shards are kept.
-``python -m flows.cache [--params FILE]``"""
+
+``cache.layer``: a block index, or ``auto``: the ``recommended_layer`` of the locate stage
+(``<paths.locate>/recommended.json``). dvc.yaml makes the stage depend on that file either way (DVC
+deps cannot follow a setting): with an int layer a changed recommendation reruns the stage, which then
+finds its cache complete and only merges again. The pipeline caches one layer; several layers from one
+forward pass are ``crossdiff cache --layer A --layer B``. ``cache.overwrite``: the cache files are deleted
+before the slices start. ``python -m flows.cache [--params FILE]``"""
 
 from __future__ import annotations
 
 from prefect import flow
 
+from crossdiff_core.caching import CacheConfig, resolve_layer
+from crossdiff_core.config import result_settings
+from crossdiff_core.data import DataConfig
 from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section, stage_key
 from tasks import tracking
-from tasks.caching import cache_slice, merge_cache
+from tasks.caching import cache_slice, merge_cache, overwrite_cache
 from tasks.io import prepare_out, write_json
 from tasks.models import read_pair
+from tasks.products import RECOMMENDED
 
 
 @flow(name="crossdiff-cache-slice")
@@ -22,7 +32,15 @@ def cache_slice_flow(index: int, n_slices: int, params_file: str = DEFAULT_PARAM
     """One slice of the shard plan into the cache directory (what a worker runs)."""
     p = load_params(params_file)
     L = Layout(p)
-    return cache_slice(read_pair(L.models), p["data"], p["cache"], str(L.cache), index, n_slices)
+    return cache_slice(read_pair(L.models), p["data"], cache_settings(p), str(L.cache), index, n_slices)
+
+
+def cache_settings(p: dict) -> dict:
+    """params.yaml's ``cache`` section with ``layer`` resolved to a block index (``auto``: the locate stage's);
+    the ``data`` section is read strictly too (a typo fails before any work)."""
+    section(p, "data", DataConfig)
+    layer = section(p, "cache", CacheConfig).layer
+    return {**p["cache"], "layer": resolve_layer(layer, Layout(p).locate / RECOMMENDED)}
 
 
 def _run_slices_remotely(deployment: str, n: int, params_file: str, poll_s: float = 5.0) -> list[dict]:
@@ -51,18 +69,20 @@ def _run_slices_remotely(deployment: str, n: int, params_file: str, poll_s: floa
 
 @flow(name="crossdiff-cache")
 def cache_flow(params_file: str = DEFAULT_PARAMS) -> dict:
-    from crossdiff_core.caching import CacheConfig
-    from crossdiff_core.config import result_settings
-
     p = load_params(params_file)
-    L, c, cfg = Layout(p), p["cache"], section(p, "cache")
+    L, c = Layout(p), cache_settings(p)
+    cfg = CacheConfig.from_dict(c)
     pair = read_pair(L.models)
     n = cfg.slices
     with tracking.stage_run("cache", params={"cache": c, "data": p["data"]}, full_params=p,
                             params_file=p["params_file"], experiment=p["tracking"]["experiment"]) as run:
         models_md5 = run.log_input("models", L.models, context="models")
+        if p["cache"].get("layer") == "auto":
+            run.log_input("locate", L.locate / RECOMMENDED, context="layer")
+            run.set_tags({"cache.layer_from": str(L.locate / RECOMMENDED)})
         # the neutral settings (crossdiff_core.config) do not change what is cached
         kept = prepare_out(L.cache, stage_key(pair, models_md5, p["data"], result_settings(CacheConfig, cfg)))
+        kept = not overwrite_cache(c, str(L.cache)) and kept
         if cfg.deployment:
             slices = _run_slices_remotely(cfg.deployment, n, p["params_file"])
         else:

@@ -1,39 +1,41 @@
-"""What every stage flow shares: reading params.yaml, the command line, the artifact layout."""
+"""What every stage flow shares: reading params.yaml (the profile switch, the section names), the artifact
+layout, stage keys and the command line.
+
+Light on purpose: a stage's import closure is its dvc.yaml code deps (tests/test_dvc_closure.py), so this
+module imports no stage's code. Each flow reads the sections it uses with the config dataclasses of the
+core modules it runs (``section(p, "train", TrainConfig)``); ``flows/sections.py`` maps every section to
+its dataclass, for the whole-pipeline flow and the tests."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from crossdiff_core.analysis import AnalysisConfig
-from crossdiff_core.caching import CacheConfig
-from crossdiff_core.cards import CardsConfig
 from crossdiff_core.config import from_dict, neutral
-from crossdiff_core.data import DataConfig
 from crossdiff_core.errors import ConfigError
-from crossdiff_core.kl_eval import EvaluateConfig
-from crossdiff_core.report.page import TITLE
-from crossdiff_core.steering import SteerConfig
-from crossdiff_core.toy.config import CorpusConfig, ToyModelsConfig
-from crossdiff_core.trainer import TrainConfig
 
+T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
-SOURCES = ("toy", "hub")
+# params.yaml's sections, in its order; flows/sections.py gives each its dataclass (tests/test_config.py
+# checks that the two agree)
+SECTION_NAMES = ("paths", "models", "locate", "data", "cache", "train", "analyze", "evaluate", "steer", "report",
+                 "tracking")
 
 
-# ---- the pipeline's own sections (the others are the stages' core dataclasses) ----------------------
+# ---- the sections every stage reads ------------------------------------------------------------------
 
 @dataclass
 class PathsConfig:
     """Artifact layout (params.yaml ``paths``); dvc.yaml reads these keys too: keep them the same in every profile."""
 
     models: str = "artifacts/models"  # the pair (pair.json), the toy pair and its data
+    locate: str = "artifacts/locate"  # the layer sweep: locate.json, locate.png, recommended.json
     cache: str = "artifacts/cache"  # the activation cache
     crosscoders: str = "artifacts/crosscoders"  # one crosscoder directory per kind
     analysis: str = "artifacts/analysis"  # latents.parquet, summary and plots per kind
@@ -44,76 +46,46 @@ class PathsConfig:
 
 
 @dataclass
-class ModelsConfig:
-    """The model pair (params.yaml ``models``): the embedded toy pair, or two hub models."""
-
-    source: str = "toy"  # toy: build the embedded pair (crossdiff_core.toy); hub: use base/chat below
-    base: str | None = None  # hub: model id or local directory
-    chat: str | None = None  # hub: the fine-tuned model
-    base_revision: str | None = None  # hub: pin a commit for an exactly repeatable run
-    chat_revision: str | None = None
-    toy: ToyModelsConfig = field(default_factory=ToyModelsConfig)  # the toy pair's build
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the toy pair's cache and evaluation data
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(f"models.source must be one of {SOURCES}, got {self.source!r}")
-        if self.source == "hub" and not (self.base and self.chat):
-            raise ConfigError("models.source is hub: set models.base and models.chat (hub ids or local directories)")
-
-
-@dataclass
-class ReportConfig:
-    """The report stage (params.yaml ``report``)."""
-
-    title: str = TITLE  # page title
-    cards: CardsConfig = field(default_factory=CardsConfig)  # the latent cards
-
-
-@dataclass
 class TrackingConfig:
     """MLflow (params.yaml ``tracking``)."""
 
     experiment: str = neutral("crossdiff")  # MLflow experiment of the runs
 
 
-SECTIONS: dict[str, type] = {"paths": PathsConfig, "models": ModelsConfig, "data": DataConfig, "cache": CacheConfig,
-                             "train": TrainConfig, "analyze": AnalysisConfig, "evaluate": EvaluateConfig,
-                             "steer": SteerConfig, "report": ReportConfig, "tracking": TrackingConfig}
-
-
-def section(params: dict[str, Any], name: str) -> Any:
-    """The ``name`` section of ``params`` as its dataclass (read strictly)."""
-    return from_dict(SECTIONS[name], params[name], section=name)
+def section(params: dict[str, Any], name: str, cls: type[T]) -> T:
+    """The ``name`` section of ``params`` read strictly into ``cls``, the caller's config dataclass (an
+    unknown key is a ConfigError naming the valid ones)."""
+    return from_dict(cls, params[name], section=name)
 
 
 def load_params(path: str = DEFAULT_PARAMS) -> dict[str, Any]:
     """The settings in ``path``; when it names another file in ``params_file`` (the profile switch,
-    ``dvc exp run -S params_file=params-paper.yaml``), that file's settings."""
+    ``dvc exp run -S params_file=params-paper.yaml``), that file's settings.
+
+    Checks the section names and reads ``paths`` and ``tracking`` strictly; each stage reads its own
+    sections strictly (:func:`section`) before it starts work, and ``flows.pipeline`` reads them all."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p} does not exist: run from the repository root, or pass --params FILE")
     params = yaml.safe_load(p.read_text()) or {}
     target = params.get("params_file")
     if target and Path(target).resolve() != p.resolve():
+        if not Path(target).is_file():
+            raise ConfigError(f"{p} switches to params_file {target}, which does not exist: fix params_file")
         params = yaml.safe_load(Path(target).read_text()) or {}
         params["params_file"] = str(target)
     else:
         params["params_file"] = str(path)
-    missing = [s for s in SECTIONS if s not in params]
+    missing = [s for s in SECTION_NAMES if s not in params]
     if missing:
         raise ConfigError(f"{params['params_file']} lacks the sections {missing}: copy them from params.yaml")
-    unknown = sorted(set(params) - set(SECTIONS) - {"params_file"})
+    unknown = sorted(set(params) - set(SECTION_NAMES) - {"params_file"})
     if unknown:
         raise ConfigError(f"{params['params_file']} has unknown sections {unknown}; the sections are "
-                          f"{['params_file', *SECTIONS]}: fix the spelling")
-    for name in SECTIONS:  # a typo fails here, before any stage runs
-        section(params, name)
+                          f"{['params_file', *SECTION_NAMES]}: fix the spelling")
+    section(params, "paths", PathsConfig)
+    section(params, "tracking", TrackingConfig)
     return params
-
-
-def kinds(params: dict) -> list[str]:
-    return list(section(params, "train").kinds)
 
 
 class Layout:

@@ -3,18 +3,43 @@ Writes ``<paths.models>/pair.json`` for the later stages. ``python -m flows.toy_
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prefect import flow
 
+from crossdiff_core.errors import ConfigError
+from crossdiff_core.toy.config import CorpusConfig, ToyModelsConfig
 from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section
 from tasks import tracking
 from tasks.io import write_json
 from tasks.models import build_toy_pair, export_toy_corpus, write_pair
 
+SOURCES = ("toy", "hub")
+
+
+@dataclass
+class ModelsConfig:
+    """The model pair (params.yaml ``models``): the embedded toy pair, or two hub models."""
+
+    source: str = "toy"  # toy: build the embedded pair (crossdiff_core.toy); hub: use base/chat below
+    base: str | None = None  # hub: model id or local directory
+    chat: str | None = None  # hub: the fine-tuned model
+    base_revision: str | None = None  # hub: pin a commit for an exactly repeatable run
+    chat_revision: str | None = None
+    toy: ToyModelsConfig = field(default_factory=ToyModelsConfig)  # the toy pair's build
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the toy pair's cache and evaluation data
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"models.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "hub" and not (self.base and self.chat):
+            raise ConfigError("models.source is hub: set models.base and models.chat (hub ids or local directories)")
+
 
 @flow(name="crossdiff-toy-models")
 def toy_models_flow(params_file: str = DEFAULT_PARAMS) -> dict:
     p = load_params(params_file)
-    L, m, cfg = Layout(p), p["models"], section(p, "models")
+    L, m, cfg = Layout(p), p["models"], section(p, "models", ModelsConfig)
     with tracking.stage_run("toy_models", params={"models": m}, full_params=p, params_file=p["params_file"],
                             experiment=p["tracking"]["experiment"]) as run:
         if cfg.source == "toy":

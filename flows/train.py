@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 from prefect import flow
 
+from crossdiff_core.checkpoint import remove_checkpoint
+from crossdiff_core.config import result_settings
+from crossdiff_core.trainer import CHECKPOINT, TrainConfig
 from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, stage_key
 from tasks import tracking
 from tasks.io import prepare_out, write_json
@@ -20,15 +24,9 @@ OUTPUT_FILES = ("model.safetensors", "config.json", "metrics.json", "history.jso
 
 @flow(name="crossdiff-train")
 def train_flow(kind: str, params_file: str = DEFAULT_PARAMS) -> dict:
-    from dataclasses import asdict
-
-    from crossdiff_core.checkpoint import remove_checkpoint
-    from crossdiff_core.config import result_settings
-    from crossdiff_core.trainer import CHECKPOINT, TrainConfig
-
     p = load_params(params_file)
     L = Layout(p)
-    tc = train_settings(kind, p["train"])
+    tc = train_settings(kind, p["train"])  # read strictly: a typo fails before any work
     settings = asdict(tc)
     out = L.crosscoder(kind)
     with tracking.stage_run(f"train-{kind}", params={"kind": kind, **settings},

@@ -7,9 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-LATENTS = "latents.parquet"
-SUMMARY = "latents.summary.json"  # where crossdiff_core.runs.default_summary_path puts it
-PLOTS = "plots"
+from .products import LATENTS, PLOTS, SUMMARY  # noqa: F401  (the analysis products' names)
 
 
 @task(name="analyze-crosscoder", cache_policy=NONE)

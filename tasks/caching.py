@@ -1,7 +1,9 @@
 """The caching stage's units of work: one dataset slice (a round-robin share of the shard plan) into the
 cache directory, and the merge that writes tokens.parquet and the one manifest. Slices can run on
 different workers at once (they write disjoint shard files of a shared directory); re-running a slice
-skips its complete shards."""
+skips its complete shards. ``cache.overwrite``: the cache files are deleted once before the slices start
+(:func:`overwrite_cache`; a slice writer cannot overwrite). ``cache.layer`` reaches these tasks as a block
+index (the flow resolves ``auto``)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,15 @@ def cache_slice(pair: dict, data: dict, cache: dict, out_dir: str, index: int, n
     run = _run(pair, data, cache, out_dir, part=(index, n_slices), progress=progress)
     return {"slice": index, "computed": run.computed, "skipped": run.skipped, "tokens_computed": run.tokens_computed,
             "seconds": run.seconds, "tokens_per_s": run.tokens_per_s}
+
+
+@task(name="cache-overwrite", cache_policy=NONE)
+def overwrite_cache(cache: dict, out_dir: str) -> list[str]:
+    """With ``cache.overwrite``, delete the cache files in ``out_dir`` (every run while it is set: a killed
+    run then starts afresh); without it nothing. Returns what was deleted."""
+    from crossdiff_core.caching import CacheConfig, clear_cache
+
+    return clear_cache(out_dir) if CacheConfig.from_dict(cache).overwrite else []
 
 
 @task(name="cache-merge", retries=2, retry_delay_seconds=5, cache_policy=NONE)

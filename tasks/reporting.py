@@ -28,16 +28,14 @@ def cards_task(crosscoder_dir: str, latents: str, cache_dir: str, out: str, sett
 
 
 @task(name="build-report", cache_policy=NONE)
-def report_task(runs: dict[str, dict], out_dir: str, *, title: str, ground_truth: str | None) -> dict:
-    """``runs``: name -> paths (latents, kl, cards, steering, tracking, crosscoder). Returns the output paths."""
+def report_task(runs: dict[str, dict], out_dir: str, *, title: str, ground_truth: str | None,
+                locate: str | None = None) -> dict:
+    """``runs``: name -> paths (latents, kl, cards, steering, tracking, crosscoder). ``ground_truth``: the toy
+    pair's (for the rates measured at build; the behaviours themselves come with the steering results).
+    ``locate``: the locate stage's JSON (the layer sweep section). Returns the output paths."""
     from crossdiff_core.report import build_report, load_run
 
     loaded = [load_run(name, p["latents"], **{k: p.get(k) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
               for name, p in runs.items()]
-    gt = None
-    if ground_truth:
-        from crossdiff_core.ground_truth import load_ground_truth
-
-        gt = load_ground_truth(ground_truth)
-    paths = build_report(loaded, out_dir, title=title, ground_truth=gt)
+    paths = build_report(loaded, out_dir, title=title, behaviours=ground_truth, locate=locate)
     return {k: str(v) for k, v in paths.items()}

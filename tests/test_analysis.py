@@ -22,7 +22,8 @@ from crossdiff_core.errors import CrossdiffError, ModelMismatchError
 from crossdiff_core.latent_scaling import dense_above
 
 D = 16
-MODELS = {"base": "b", "chat": "c"}
+FINGERPRINTS = {"base": {"config": "c0", "weights": "wb"}, "chat": {"config": "c0", "weights": "wc"}}
+MODELS = {"base": "b", "chat": "c", "fingerprints": FINGERPRINTS}
 QUIET = dict(progress=False)
 
 
@@ -211,7 +212,9 @@ def test_model_mismatch_and_other_caches(tmp_path):
     base, chat = _random_acts(200)
     train = _write_cache(tmp_path / "train", base, chat, [200])
     same_models = _write_cache(tmp_path / "held_out", base[:100] * 1.5, chat[:100], [100])
-    other_models = _write_cache(tmp_path / "other", base, chat, [200], models={"base": "b", "chat": "x"})
+    # the same model names (paths) but other content: a chat model rebuilt at the same path
+    rebuilt = {**MODELS, "fingerprints": {**FINGERPRINTS, "chat": {"config": "c0", "weights": "other"}}}
+    other_models = _write_cache(tmp_path / "other", base, chat, [200], models=rebuilt)
     model = _random_model(cache=str(tmp_path / "train"), cache_manifest_hash=train.manifest_hash)
     assert analyze(model, train, AnalysisConfig(**QUIET)).summary["cache"]["match"] == "same cache"
     assert analyze(model, same_models, AnalysisConfig(**QUIET)).summary["cache"]["match"] == "same models"
@@ -320,3 +323,33 @@ def test_dead_class_codes_override_delta_norm():
     assert classify(dn) == ["shared", "shared", "chat_only", "base_only", "other"]
     assert classify(dn, fired) == ["shared", "dead", "dead", "base_only", "other"]
     assert class_codes(dn, fired).tolist() == [CLASSES.index(c) for c in ("shared", "dead", "dead", "base_only", "other")]
+
+
+def test_summary_scales_and_the_per_model_warning(tmp_path):
+    """`scales` in the summary: the crosscoder's s_b, s_c, their ratio, the convention, the cache's own
+    sqrt(q_c / q_b), and a warning only when per-model scales meet a norm ratio outside [0.9, 1.1]."""
+    base, _ = _random_acts(600, seed=4)
+    chat = 1.5 * base  # the chat model's mean squared norm is 2.25x the base's
+    cache = _write_cache(tmp_path / "c", base, chat, [600])
+    q = {m: cache.manifest["stats"][m]["mean_sq_norm"] for m in ("base", "chat")}
+    r = math.sqrt(q["chat"] / q["base"])
+    assert r == pytest.approx(1.5, rel=1e-6)
+    s_b = math.sqrt(q["base"] / D)
+    for conv, scales in (("per_model", [s_b, r * s_b]), ("joint", [math.sqrt((q["base"] + q["chat"]) / 2 / D)] * 2),
+                         ("none", [1.0, 1.0])):
+        m = _random_model(normalisation=conv)
+        m.scales.copy_(torch.tensor(scales))
+        sc = analyze(m, cache, AnalysisConfig(**QUIET)).summary["scales"]
+        assert sc["convention"] == conv and sc["norm_ratio"] == pytest.approx(1.5, rel=1e-6)
+        assert [sc["base"], sc["chat"]] == pytest.approx(scales, rel=1e-6)
+        assert sc["ratio"] == pytest.approx(scales[1] / scales[0], rel=1e-6)
+        if conv == "per_model":
+            # an equal latent: Δnorm ½((1/1.5 − 1) + 1) = 1/3; ν scaled by s_c/s_b = 1.5
+            assert "Δnorm 0.33" in sc["warning"] and "1.50" in sc["warning"] and "normalisation: joint" in sc["warning"]
+        else:
+            assert sc["warning"] is None
+    legacy = _random_model()  # config without the convention (older crosscoders): inferred from unequal scales
+    sc = analyze(legacy, cache, AnalysisConfig(**QUIET)).summary["scales"]
+    assert sc["convention"] == "per_model" and sc["warning"] is not None
+    same = _write_cache(tmp_path / "same", base, base * 1.02, [600])  # within [0.9, 1.1]: no warning
+    assert analyze(_random_model(), same, AnalysisConfig(**QUIET)).summary["scales"]["warning"] is None

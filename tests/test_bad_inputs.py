@@ -553,3 +553,456 @@ NONFINITE_CASES = [
 @pytest.mark.parametrize("case", NONFINITE_CASES, ids=_ids(NONFINITE_CASES))
 def test_nonfinite_values_never_pass(case, tmp_path, stack):
     check(case, tmp_path, stack)
+
+
+# ---------------------------------------------------------------------------------------------- 4. identity by content, not by path
+# One small world, built once: a tiny model pair (and a second pair of other weights), a cache of the first
+# pair made by `run_cache` (its manifest records the models' content fingerprints), two crosscoders trained
+# (here: initialised) on it and each one's latents.parquet from the analysis (recording its weights hash).
+
+LAYER = 1
+CONVERSATIONS = [[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "the weather is sunny"}],
+                 [{"role": "user", "content": "to be or not"}, {"role": "assistant", "content": "that is the question"}]]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import pandas as pd
+
+    from crossdiff_core.analysis import AnalysisConfig, run_analysis
+    from crossdiff_core.caching import run_cache
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+    from crossdiff_core.data import DataConfig
+    from tests.test_models import build_tokenizer, save_model, tiny_config
+
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: the CLI's answer must be its one error line
+    root = tmp_path_factory.mktemp("world")
+    tok = build_tokenizer(0)
+    cfg = tiny_config("llama", len(tok))
+    w = {"root": root, "tok": tok, "cfg": cfg,
+         "base": save_model(root / "models/base", cfg, tok, 1), "chat": save_model(root / "models/chat", cfg, tok, 2),
+         "base2": save_model(root / "other/base", cfg, tok, 3), "chat2": save_model(root / "other/chat", cfg, tok, 4)}
+    words = ["the", "user", "asked", "a", "question", "about", "weather", "sunny", "world", "hello"]
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"text": [" ".join(rng.choice(words, 20)) for _ in range(20)]}).to_parquet(root / "text.parquet")
+    with open(root / "chats.jsonl", "w") as f:
+        for c in CONVERSATIONS:
+            f.write(json.dumps({"messages": c}) + "\n")
+    (root / "prompts.txt").write_text("hello there\nthe weather\n")
+    data = DataConfig(text=[str(root / "text.parquet")], n_tokens=240, max_length=32)
+    for name, (b, c) in {"cache": (w["base"], w["chat"]), "cache2": (w["base2"], w["chat2"])}.items():
+        run_cache(b, c, root / name, data, layer=LAYER, dtype="float32", cache_dtype="float32", shard_tokens=120,
+                  progress=False)
+        w[name] = root / name
+    cache = ActivationCache(root / "cache")
+    for i, name in enumerate(("cc", "cc2")):
+        model = CrossCoder(CrossCoderConfig(kind="l1", d_model=cache.d_model, dict_size=16, l1_coeff=1.0, init_norm=0.3,
+                                            cache=str(root / "cache"), cache_manifest_hash=cache.manifest_hash),
+                           scales=cache.scales(), seed=i)
+        with torch.no_grad():
+            model.b_enc.fill_(0.5)  # every latent fires: a table without dead latents
+        model.save(root / name)
+        run_analysis(root / name, root / "cache", root / f"an_{name}/latents.parquet", cfg=AnalysisConfig(progress=False))
+        w[name], w[f"latents_{name}"] = root / name, root / f"an_{name}/latents.parquet"
+    yield w
+    hf_logging.enable_progress_bar()
+    torch.set_num_threads(threads)
+
+
+def _evaluate(w, *args: str, latents: str = "latents_cc", cc: str | Path = "cc"):
+    """`crossdiff evaluate` of a crosscoder (a world key or a directory) on the world's chats."""
+    cc = w[cc] if isinstance(cc, str) else cc
+    return ["evaluate", "--crosscoder", str(cc), "--latents", str(w[latents]), "--chats", str(w["root"] / "chats.jsonl"),
+            "--out", str(w["root"] / "unused/kl.json"), "--tokens", "60", "--n-random", "1", "--no-progress", *args]
+
+
+def _steer(w, *args: str, latents: str = "latents_cc", cc: Path | None = None):
+    return ["steer", "--crosscoder", str(cc or w["cc"]), "--latents", str(w[latents]), "--prompts", str(w["root"] / "prompts.txt"),
+            "--out", str(w["root"] / "unused/steer.json"), "--max-new-tokens", "2", "--alphas", "1", "--latent", "0",
+            "--no-progress", *args]
+
+
+def _cards(w, *args: str, latents: str = "latents_cc", cache: str = "cache"):
+    return ["cards", "--crosscoder", str(w["cc"]), "--latents", str(w[latents]), "--cache", str(w[cache]),
+            "--out", str(w["root"] / "unused/cards.json"), "--no-progress", *args]
+
+
+def _world_cli(args: Callable[[dict, Path], list[str]]):
+    """A case that runs the CLI on the world (plus whatever `args` builds under tmp_path)."""
+    def make(w):
+        def build(tmp, stack):
+            a = args(w, tmp)
+            return lambda: _cli(*a)
+        return build
+    return make
+
+
+def _relocated_world(tmp: Path, w: dict, edit: Callable[[dict], None] = lambda m: None) -> tuple[Path, Path]:
+    """A copy of the world's cache and models under `tmp` (the manifest naming the copies, then `edit`ed), and a
+    crosscoder trained on that copy; returns (cache, crosscoder)."""
+    import shutil
+
+    from crossdiff_core.crosscoder import CrossCoder
+
+    shutil.copytree(w["cache"], tmp / "cache")
+    for m in ("base", "chat"):
+        shutil.copytree(w[m], tmp / "models" / m)
+
+    def names(m):
+        m["models"]["base"], m["models"]["chat"] = str(tmp / "models/base"), str(tmp / "models/chat")
+        edit(m)
+    _edit_manifest(tmp / "cache", names)
+    cc = CrossCoder.load(w["cc"])
+    cc.cfg.cache, cc.cfg.cache_manifest_hash = str(tmp / "cache"), ActivationCache(tmp / "cache").manifest_hash
+    cc.save(tmp / "cc")
+    return tmp / "cache", tmp / "cc"
+
+
+def _rebuilt_at_same_path(w, tmp):
+    """The pair the cache was made from is rebuilt (other weights) at the same path; evaluate uses the recorded paths."""
+    from tests.test_models import save_model
+
+    _, cc = _relocated_world(tmp, w)
+    save_model(tmp / "models/base", w["cfg"], w["tok"], 7)
+    return _evaluate(w, cc=cc)
+
+
+def _rebuilt_steer(w, tmp):
+    from tests.test_models import save_model
+
+    _, cc = _relocated_world(tmp, w)
+    save_model(tmp / "models/chat", w["cfg"], w["tok"], 8)
+    return _steer(w, cc=cc)
+
+
+def _training_cache_rebuilt(w, tmp):
+    """The training cache was rebuilt at its path since training: its manifest is no record of the training models."""
+    cache, cc = _relocated_world(tmp, w)
+    _edit_manifest(cache, lambda m: m.update(code_version="rebuilt"))
+    return _evaluate(w, cc=cc)
+
+
+def _analyze_rebuilt_cache(w, tmp):
+    """Another cache whose manifest names the same model paths but records other content (models rebuilt there)."""
+    cache, _ = _relocated_world(tmp, w)
+    _edit_manifest(cache, lambda m: m["models"]["fingerprints"]["chat"].update(weights="0" * 64))
+    return ["analyze", "--crosscoder", str(w["cc"]), "--cache", str(cache), "--out", str(tmp / "o.parquet")]
+
+
+def _report_of(kind: str):
+    """A report combining cc's latents with the `kind` product of cc2 (its inputs record cc2's weights hash)."""
+    def args(w, tmp):
+        from crossdiff_core.crosscoder import CrossCoder
+
+        sha = CrossCoder.load(w["cc2"]).weights_sha256
+        doc = {"kl": {"sets": [], "groups": {}, "inputs": {"crosscoder": str(w["cc2"]), "weights_sha256": sha}},
+               "cards": {"cards": [], "inputs": {"crosscoder": str(w["cc2"]), "weights_sha256": sha}},
+               "steering": {"latents": [], "inputs": {"crosscoder": str(w["cc2"]), "weights_sha256": sha}}}[kind]
+        (tmp / f"{kind}.json").write_text(json.dumps(doc))
+        return ["report", "--out", str(tmp / "report"), "--latents", f"a={w['latents_cc']}", f"--{kind}", f"a={tmp / f'{kind}.json'}"]
+    return args
+
+
+FINGERPRINT_CASES = [
+    ("rebuilt-model-same-path", _world_cli(_rebuilt_at_same_path), "loaded '"),
+    ("rebuilt-model-names-both-hashes", _world_cli(_rebuilt_at_same_path), "base: trained on '"),
+    ("rebuilt-chat-steer", _world_cli(_rebuilt_steer), "the models loaded are not the ones the crosscoder was trained on"),
+    ("training-cache-rebuilt", _world_cli(_training_cache_rebuilt), "was rebuilt since"),
+    ("other-base-chat-evaluate", _world_cli(lambda w, t: _evaluate(w, "--base", w["base2"], "--chat", w["chat2"])),
+     "pass the models the cache was made with, or --allow-mismatch"),
+    ("other-base-chat-steer", _world_cli(lambda w, t: _steer(w, "--base", w["base2"], "--chat", w["chat2"])),
+     "(weights "),
+    ("crosscoder-from-another-cache", _world_cli(lambda w, t: ["analyze", "--crosscoder", str(w["cc"]), "--cache",
+                                                               str(w["cache2"]), "--out", str(t / "o.parquet")]),
+     "holds activations of other content"),
+    ("analyze-cache-of-rebuilt-models", _world_cli(_analyze_rebuilt_cache), "chat (weights) differ"),
+    ("cards-on-another-cache", _world_cli(lambda w, t: _cards(w, cache="cache2")), "--allow-mismatch"),
+    ("latents-of-another-crosscoder-evaluate", _world_cli(lambda w, t: _evaluate(w, latents="latents_cc2")),
+     "was written for the crosscoder"),
+    ("latents-of-another-crosscoder-steer", _world_cli(lambda w, t: _steer(w, latents="latents_cc2")), "(weights sha256 "),
+    ("latents-of-another-crosscoder-cards", _world_cli(lambda w, t: _cards(w, latents="latents_cc2")), "/cc2 (weights sha256"),
+    ("report-kl-of-another-crosscoder", _world_cli(_report_of("kl")), "(per --kl "),
+    ("report-cards-of-another-crosscoder", _world_cli(_report_of("cards")), "(per --cards "),
+    ("report-steering-of-another-crosscoder", _world_cli(_report_of("steering")), "pass --allow-mismatch"),
+]
+
+
+@pytest.mark.parametrize("name,make,match", FINGERPRINT_CASES, ids=[c[0] for c in FINGERPRINT_CASES])
+def test_identity_by_content_not_by_path(world, name, make, match, tmp_path, stack):
+    check(Case(name, make(world), match, keep=None), tmp_path, stack)
+
+
+def test_same_content_elsewhere_passes_and_cross_use_is_explicit(world, tmp_path):
+    """A byte copy of the models at another path is the same models; --allow-mismatch runs a deliberate
+    cross-use and records it; a fingerprint is independent of the dtype the model is loaded in."""
+    from crossdiff_core.kl_eval import EvaluateConfig, evaluate_crosscoder
+    from crossdiff_core.models import load_model, model_fingerprint
+
+    _, cc = _relocated_world(tmp_path, world)  # same content, other paths
+    cfg = dict(chats=[str(world["root"] / "chats.jsonl")], tokens=60, n_random=1, progress=False)
+    d = evaluate_crosscoder(cc, world["latents_cc"], EvaluateConfig(**cfg))
+    assert d["inputs"]["models_check"] == "same models" and d["inputs"]["weights_sha256"]
+    d = evaluate_crosscoder(world["cc"], world["latents_cc"], EvaluateConfig(**cfg, allow_mismatch=True),
+                            base=world["base2"], chat=world["chat2"])
+    assert d["inputs"]["models_check"] == "allowed"
+    f32, bf16 = (model_fingerprint(load_model(world["base"], dtype=t)) for t in ("float32", "bfloat16"))
+    assert f32 == bf16 and f32 != model_fingerprint(load_model(world["base2"], dtype="float32"))
+    assert ActivationCache(world["cache"]).manifest["models"]["fingerprints"]["base"] == f32
+
+
+# ---------------------------------------------------------------------------------------------- 5b. non-finite inputs of analyze/evaluate/load
+
+
+def _nan_crosscoder(tensor: str, value: float, tmp: Path, w: dict) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(w["cc"], tmp / "bad_cc")
+    sd = load_file(tmp / "bad_cc/model.safetensors")
+    sd[tensor].view(-1)[1] = value
+    save_file(sd, tmp / "bad_cc/model.safetensors")
+    return tmp / "bad_cc"
+
+
+def _config_literal(literal: str):
+    def build(w):
+        def b(tmp, stack):
+            import shutil
+
+            from crossdiff_core.crosscoder import CrossCoder
+
+            shutil.copytree(w["cc"], tmp / "bad_cc")
+            text = (tmp / "bad_cc/config.json").read_text().replace('"aux_alpha": 0.03125', f'"aux_alpha": {literal}')
+            assert literal in text
+            (tmp / "bad_cc/config.json").write_text(text)
+            return lambda: CrossCoder.load(tmp / "bad_cc")
+        return b
+    return build
+
+
+def _analyze_nonfinite_cache(build_cache):
+    def build(w):
+        def b(tmp, stack):
+            from crossdiff_core.analysis import AnalysisConfig, run_analysis
+            from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+
+            cache = build_cache(tmp, stack)
+            CrossCoder(CrossCoderConfig(kind="l1", d_model=D, dict_size=8, l1_coeff=1.0)).save(tmp / "cc8")
+            return lambda: run_analysis(tmp / "cc8", cache, tmp / "o.parquet", cfg=AnalysisConfig(progress=False))
+        return b
+    return build
+
+
+def _load_bad(tensor: str, value: float):
+    def build(w):
+        def b(tmp, stack):
+            from crossdiff_core.crosscoder import CrossCoder
+
+            path = _nan_crosscoder(tensor, value, tmp, w)
+            return lambda: CrossCoder.load(path)
+        return b
+    return build
+
+
+def _cli_bad_weights(command: str):
+    def build(w):
+        def b(tmp, stack):
+            path = _nan_crosscoder("b_enc", float("inf"), tmp, w)
+            if command == "analyze":
+                return lambda: _cli("analyze", "--crosscoder", str(path), "--cache", str(w["cache"]), "--out", str(tmp / "o.parquet"))
+            return lambda: _cli(*_evaluate(w, cc=path))
+        return b
+    return build
+
+
+def _evaluate_nonfinite_activations(w):
+    def b(tmp, stack):
+        from crossdiff_core.crosscoder import CrossCoder
+        from crossdiff_core.data import tokenize_chat
+        from crossdiff_core.kl_eval import KLConfig, PatchSet, kl_gap
+        from crossdiff_core.models import decoder_layers, load_pair
+
+        pair = load_pair(w["base"], w["chat"], layer=LAYER, dtype="float32")
+        with torch.no_grad():
+            next(decoder_layers(pair.chat)[0].mlp.parameters()).fill_(float("nan"))  # a broken fine-tune
+        seqs = [tokenize_chat(pair.tokenizer, c) for c in CONVERSATIONS]
+        sets = [PatchSet("chat", chat=True), PatchSet("base")]
+        return lambda: kl_gap(pair, CrossCoder.load(w["cc"]), seqs, sets, KLConfig(progress=False))
+    return b
+
+
+def _analyze_in_memory(w):
+    def b(tmp, stack):
+        from crossdiff_core.analysis import AnalysisConfig, analyze
+        from crossdiff_core.crosscoder import CrossCoder
+
+        model = CrossCoder.load(w["cc"])
+        with torch.no_grad():
+            model.W_enc[0, 0, 0] = float("nan")
+        return lambda: analyze(model, ActivationCache(w["cache"]), AnalysisConfig(progress=False))
+    return b
+
+
+MY_NONFINITE_CASES = [
+    ("analyze-nan-cache", _analyze_nonfinite_cache(NAN_F32), "holds NaN or inf activations (base) in rows 7..7"),
+    ("analyze-inf-cache-bf16", _analyze_nonfinite_cache(INF_BF16), "activations (chat) in rows 7..8"),
+    ("analyze-names-the-cache", _analyze_nonfinite_cache(NAN_F32), "crossdiff cache-info --cache"),
+    ("analyze-in-memory-nan-weight", _analyze_in_memory, "weights ['W_enc'] hold NaN or inf"),
+    ("load-nan-weight", _load_bad("W_dec", float("nan")), "holds NaN or inf weights: W_dec (1 values)"),
+    ("load-inf-scale", _load_bad("scales", float("inf")), "scales (1 values)"),
+    ("cli-analyze-inf-bias", _cli_bad_weights("analyze"), "NaN or inf weights: b_enc"),
+    ("cli-evaluate-inf-bias", _cli_bad_weights("evaluate"), "NaN or inf weights: b_enc"),
+    ("config-json-nan", _config_literal("NaN"), "NaN is not a finite number"),
+    ("config-json-infinity", _config_literal("-Infinity"), "-Infinity is not a finite number"),
+    ("evaluate-nonfinite-model-activations", _evaluate_nonfinite_activations, "chat model's block-1 activations hold NaN"),
+]
+
+
+@pytest.mark.parametrize("name,make,match", MY_NONFINITE_CASES, ids=[c[0] for c in MY_NONFINITE_CASES])
+def test_nonfinite_inputs_of_the_stages_never_pass(world, name, make, match, tmp_path, stack):
+    check(Case(name, make(world), match, keep=None), tmp_path, stack)
+
+
+# ---------------------------------------------------------------------------------------------- 6. no traceback for a user error
+
+
+def _train(w, tmp, *args: str):
+    return ["train", "--cache", str(w["cache"]), "--out", str(tmp / "train"), "--dict-size", "16", "--tokens", "512",
+            "--batch-size", "64", *args]
+
+
+def _cc_file(name: str, data: bytes | Callable[[bytes], bytes], command: str = "analyze"):
+    """The world's crosscoder with `name` replaced by `data` (or `data(old bytes)`)."""
+    def args(w, tmp):
+        import shutil
+
+        shutil.copytree(w["cc"], tmp / "cc")
+        old = (tmp / "cc" / name).read_bytes()
+        (tmp / "cc" / name).write_bytes(data(old) if callable(data) else data)
+        if command == "synth-score":
+            return ["synth-score", "--crosscoder", str(tmp / "cc"), "--cache", str(w["cache"])]
+        return ["analyze", "--crosscoder", str(tmp / "cc"), "--cache", str(w["cache"]), "--out", str(tmp / "o.parquet")]
+    return args
+
+
+def _config_edit(edit: Callable[[dict], Any]):
+    def data(old: bytes) -> bytes:
+        d = json.loads(old)
+        edit(d)
+        return json.dumps(d).encode()
+    return data
+
+
+def _bad_latents(make: Callable[[Any], Any], command: str = "evaluate"):
+    """The world's latents.parquet rewritten by `make(table)` (a DataFrame to write, or bytes)."""
+    def args(w, tmp):
+        import pandas as pd
+
+        out = make(pd.read_parquet(w["latents_cc"]))
+        p = tmp / "latents.parquet"
+        p.write_bytes(out) if isinstance(out, bytes) else out.to_parquet(p)
+        if command == "report":
+            (tmp / "latents.summary.json").write_bytes(Path(str(w["latents_cc"]).replace(".parquet", ".summary.json")).read_bytes())
+            return ["report", "--out", str(tmp / "r"), "--latents", f"a={p}"]
+        return _evaluate(w, "--latents", str(p))
+    return args
+
+
+def _garbage(path: Path, data: bytes = b"\x00garbage" * 40) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _report_with(opt: str, content: bytes | None):
+    def args(w, tmp):
+        target = tmp / f"{opt}.input" if content is not None else tmp / f"missing-{opt}.json"
+        if content is not None:
+            target.write_bytes(content)
+        return ["report", "--out", str(tmp / "r"), "--latents", f"a={w['latents_cc']}", f"--{opt}", f"a={target}"]
+    return args
+
+
+NO_TRACEBACK_CASES = [
+    # train: sizes, non-finite numbers, flags of the other kind, a device that is not there
+    ("train-val-tokens-negative", lambda w, t: _train(w, t, "--kind", "l1", "--val-tokens", "-100"), "--val-tokens"),
+    ("train-l1-coeff-nan", lambda w, t: _train(w, t, "--kind", "l1", "--l1-coeff", "nan"), "finite l1_coeff > 0 (got nan)"),
+    ("train-l1-coeff-zero", lambda w, t: _train(w, t, "--kind", "l1", "--l1-coeff", "0"), "finite l1_coeff > 0 (got 0.0)"),
+    ("train-k-for-l1", lambda w, t: _train(w, t, "--kind", "l1", "--k", "8"), "--k applies to batchtopk crosscoders only"),
+    ("train-l1-coeff-for-batchtopk", lambda w, t: _train(w, t, "--kind", "batchtopk", "--l1-coeff", "2"),
+     "--l1-coeff applies to l1 crosscoders only"),
+    ("train-dict-size-zero", lambda w, t: _train(w, t, "--kind", "l1", "--dict-size", "0"), "dict_size must be positive"),
+    ("train-batch-size-negative", lambda w, t: _train(w, t, "--kind", "l1", "--batch-size", "-4"), "--batch-size must be positive"),
+    ("train-dead-tokens-zero", lambda w, t: _train(w, t, "--kind", "l1", "--dead-tokens", "0"), "--dead-tokens >= 1"),
+    ("train-device-not-here", lambda w, t: _train(w, t, "--kind", "l1", "--device", "cuda:99"), "--device cuda:99"),
+    ("train-device-unknown", lambda w, t: _train(w, t, "--kind", "l1", "--device", "gpu7"), "unknown device 'gpu7'"),
+    # a crosscoder directory with a garbage, truncated or foreign file
+    ("garbage-model-safetensors", _cc_file("model.safetensors", b"garbage" * 9), "is not a readable safetensors file"),
+    ("truncated-model-safetensors", _cc_file("model.safetensors", lambda b: b[:200]), "truncated or corrupt"),
+    ("synth-score-garbage-safetensors", _cc_file("model.safetensors", b"\x01" * 64, "synth-score"), "not a readable safetensors"),
+    ("garbage-config-json", _cc_file("config.json", b"{not json"), "is not a readable crosscoder config"),
+    ("config-json-a-list", _cc_file("config.json", b"[1, 2]"), "must hold a JSON object of settings, got list"),
+    ("config-json-string-size", _cc_file("config.json", _config_edit(lambda d: d.update(dict_size="16"))),
+     "dict_size must be an integer, got '16'"),
+    ("config-json-without-kind", _cc_file("config.json", _config_edit(lambda d: d.pop("kind"))), "lacks the required keys ['kind']"),
+    # latents.parquet: garbage, truncated, missing columns, wrong types, unknown class labels
+    ("latents-garbage", _bad_latents(lambda t: b"\x00garbage" * 40), "is not a readable parquet file"),
+    ("latents-truncated", _bad_latents(lambda t: t.to_parquet()[:300]), "is not a readable parquet file"),
+    ("latents-missing-columns", _bad_latents(lambda t: t.drop(columns=["nu_rank", "cosine"])), "lacks the columns ['cosine', 'nu_rank']"),
+    ("latents-wrong-type", _bad_latents(lambda t: t.assign(max_act=t["max_act"].astype(str))), "max_act is large_string, not number"),
+    ("latents-unknown-class", _bad_latents(lambda t: t.assign(**{"class": ["weird"] * len(t)})), "class labels ['weird'] are none of"),
+    ("evaluate-device-not-here", lambda w, t: _evaluate(w, "--device", "cuda:99"), "--device cuda:99"),
+    ("steer-alphas-nan", lambda w, t: _steer(w, "--alphas", "nan"), "steering coefficients must be finite"),
+    ("cards-steering-garbage", lambda w, t: _cards(w, "--steering", str(_garbage(t / "s.json"))), "is not readable JSON"),
+    ("cards-tracking-garbage", lambda w, t: _cards(w, "--tracking", str(_garbage(t / "t.parquet"))), "t.parquet is not a readable parquet"),
+    ("cards-steering-missing", lambda w, t: _cards(w, "--steering", str(t / "none.json")), "none.json does not exist"),
+    # the report's inputs: missing or garbage files, missing columns and keys
+    ("report-latents-missing-columns", _bad_latents(lambda t: t.drop(columns=["class"]), "report"), "lacks the columns ['class']"),
+    ("report-latents-garbage", _bad_latents(lambda t: b"PAR1" + b"\x00" * 64, "report"), "is not a readable parquet file"),
+    ("report-kl-garbage", _report_with("kl", b"{garbage"), "kl.input is not readable JSON"),
+    ("report-kl-missing", _report_with("kl", None), "missing-kl.json does not exist"),
+    ("report-kl-no-sets", _report_with("kl", b"{}"), "`sets` is not a list of objects"),
+    ("report-kl-set-without-groups", _report_with("kl", json.dumps({"sets": [{"name": "a", "group": "", "kl": {},
+                                                                             "gap_closed": {}}]}).encode()),
+     "sets[0].kl lacks the token groups"),
+    ("report-cards-a-list", _report_with("cards", b"[1]"), "holds a JSON list, not the object"),
+    ("report-steering-no-runs", _report_with("steering", b'{"latents": [{"latent": 1}]}'), "latents[0] lacks the keys ['runs']"),
+    ("report-tracking-garbage", _report_with("tracking", b"\x00" * 50), "tracking.input is not a readable parquet file"),
+]
+
+
+@pytest.mark.parametrize("name,args,match", NO_TRACEBACK_CASES, ids=[c[0] for c in NO_TRACEBACK_CASES])
+def test_no_traceback_for_a_user_error(world, name, args, match, tmp_path, stack):
+    check(Case(name, _world_cli(args)(world), match, keep=None), tmp_path, stack)
+
+
+def test_foreign_config_json_loads_with_null_or_missing_optional_keys(world, tmp_path):
+    """A config.json another tool wrote: optional keys null or absent take their defaults."""
+    import shutil
+
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+
+    shutil.copytree(world["cc"], tmp_path / "cc")
+    full = json.loads((tmp_path / "cc/config.json").read_text())
+    variants = {"btk-l1-null": {**full, "kind": "batchtopk", "k": 2, "l1_coeff": None},
+                "l1-k-null": {**full, "k": None, "threshold_decay": None, "aux_k": None, "aux_alpha": None},
+                "design-keys-only": {k: full[k] for k in ("kind", "d_model", "dict_size")}}
+    for name, d in variants.items():
+        (tmp_path / "cc/config.json").write_text(json.dumps(d))
+        cfg = CrossCoder.load(tmp_path / "cc").cfg
+        assert (cfg.kind, cfg.d_model, cfg.dict_size) == (d["kind"], full["d_model"], full["dict_size"]), name
+        assert cfg.aux_alpha == CrossCoderConfig.aux_alpha and cfg.l1_coeff >= 0, name
+
+
+def test_kind_flags_are_not_written_and_l1_has_a_nonzero_default(world, tmp_path):
+    """An L1 run without --l1-coeff trains with the documented default λ (never 0) and records no k."""
+    from crossdiff_core.crosscoder import CrossCoderSettings
+
+    r = _cli(*_train(world, tmp_path, "--kind", "l1", "--val-tokens", "0"))
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "train/config.json").read_text())
+    assert cfg["k"] is None and cfg["l1_coeff"] == CrossCoderSettings.l1_coeff > 0

@@ -270,3 +270,109 @@ def test_cli_cache(tmp_path, data_files):
     bad = CliRunner().invoke(app, ["cache", "--base", base_dir, "--chat", chat_dir, "--layer", "9", "--out",
                                    str(tmp_path / "x"), "--text", str(data_files / "text.parquet")])
     assert bad.exit_code != 0 and "layer 9 does not exist" in bad.output
+
+
+def test_several_layers_from_one_forward_pass_equal_single_layer_runs(tmp_path, data_files, llama_pair):
+    """``layers=[0, 2]``: one cache per layer under ``layer-L/``, each byte-equal to a single-layer run's,
+    from one forward pass per model and batch (counted with a hook on the embedding)."""
+    from dataclasses import replace
+
+    from crossdiff_core.caching import layer_dirs
+
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files, 500))
+    kw = dict(batch_size=4, shard_tokens=150, progress=False)
+    calls = {"base": 0, "chat": 0}
+    hooks = [getattr(llama_pair, m).get_input_embeddings().register_forward_hook(
+        lambda *_, m=m: calls.__setitem__(m, calls[m] + 1)) for m in calls]
+    try:
+        multi = cache_activations(llama_pair, corpus, tmp_path / "multi", layers=[2, 0], **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_batches = sum(-(-len(corpus.sequences[p_.start:p_.stop]) // 4) for p_ in plan_shards(
+        [s.n_cached for s in corpus.sequences], 150))
+    assert calls == {"base": n_batches, "chat": n_batches}  # not one pass per layer
+    assert layer_dirs(tmp_path / "multi", [2, 0]) == {2: tmp_path / "multi" / "layer-2", 0: tmp_path / "multi" / "layer-0"}
+    assert sorted(multi.manifests) == [0, 2] and multi.manifest == multi.manifests[2]
+    for L in (0, 2):
+        single = cache_activations(replace(llama_pair, layer=L), corpus, tmp_path / f"single-{L}", **kw)
+        got, want = _files(tmp_path / "multi" / f"layer-{L}"), _files(tmp_path / f"single-{L}")
+        assert got.keys() == want.keys() and all(got[k] == want[k] for k in want), L  # manifest, tokens, shards
+        assert single.manifest == multi.manifests[L] and ActivationCache(tmp_path / "multi" / f"layer-{L}").layer == L
+    # a re-run resumes every layer; a layer missing a shard gets only that shard computed
+    (tmp_path / "multi" / "layer-0" / "manifest.json").unlink()
+    (tmp_path / "multi" / "layer-0" / "shards" / "shard-00000.json").unlink()  # its sidecar: shard 0 incomplete
+    again = cache_activations(llama_pair, corpus, tmp_path / "multi", layers=[2, 0], **kw)
+    assert again.computed == [0] and again.manifests[0] == multi.manifests[0]
+    with pytest.raises(ConfigError, match="twice"):
+        cache_activations(llama_pair, corpus, tmp_path / "x", layers=[1, 1], **kw)
+
+
+def test_resolve_layer_reads_the_locate_recommendation(tmp_path):
+    from crossdiff_core.caching import CacheConfig, resolve_layer
+
+    assert resolve_layer(3, tmp_path / "absent.json") == 3  # an int never reads the locate output
+    (tmp_path / "recommended.json").write_text(json.dumps({"recommended_layer": 5, "rule": "..."}))
+    assert resolve_layer("auto", tmp_path / "recommended.json") == 5
+    assert CacheConfig(layer="auto").layer == "auto"
+    for bad in ("two", -1, 1.5, True):
+        with pytest.raises(ConfigError, match="cache.layer must be"):
+            CacheConfig(layer=bad)
+    with pytest.raises(ConfigError, match="run the locate stage"):
+        resolve_layer("auto", tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"recommended_layer": "x"}))
+    with pytest.raises(ConfigError, match="no integer recommended_layer"):
+        resolve_layer("auto", tmp_path / "bad.json")
+
+
+def test_cache_overwrite_task_clears_a_cache_before_the_slices(tmp_path, data_files, llama_pair):
+    from tasks.caching import overwrite_cache
+
+    corpus = build_corpus(llama_pair.tokenizer, _config(data_files, 300))
+    cache_activations(llama_pair, corpus, tmp_path / "c", shard_tokens=100, progress=False)
+    assert overwrite_cache.fn({"overwrite": False}, str(tmp_path / "c")) == []
+    assert (tmp_path / "c" / "manifest.json").is_file()
+    removed = overwrite_cache.fn({"overwrite": True}, str(tmp_path / "c"))
+    assert "manifest.json" in removed and not (tmp_path / "c" / "manifest.json").exists()
+    assert not list((tmp_path / "c" / "shards").glob("*.safetensors"))
+    # the slices then write a cache of other settings, which was refused before
+    other = build_corpus(llama_pair.tokenizer, DataConfig(**{**_config(data_files, 300).to_dict(), "seed": 1}))
+    part = cache_activations(llama_pair, other, tmp_path / "c", shard_tokens=100, progress=False, shards=[0], finalize=False)
+    assert part.computed == [0]
+
+
+def test_cli_cache_several_layers(tmp_path, data_files):
+    from typer.testing import CliRunner
+
+    from crossdiff_core.cli import app
+
+    base_dir, chat_dir, _ = make_pair_dirs(tmp_path, "llama")
+    out = tmp_path / "multi"
+    args = ["cache", "--base", base_dir, "--chat", chat_dir, "--out", str(out), "--text", str(data_files / "text.parquet"),
+            "--tokens", "200", "--max-length", "32", "--dtype", "float32", "--batch-size", "4", "--shard-tokens", "128",
+            "--no-progress"]
+    r = CliRunner().invoke(app, [*args, "--layer", "0", "--layer", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["layers"] == {"0": str(out / "layer-0"), "2": str(out / "layer-2")}
+    assert [ActivationCache(out / f"layer-{L}").layer for L in (0, 2)] == [0, 2]
+    assert not (out / "manifest.json").exists()
+    r = CliRunner().invoke(app, [*args, "--layer", "0", "--layer", "9"])
+    assert r.exit_code == 2 and "layer 9 does not exist" in r.output
+
+
+def test_cli_synth_rerun_with_another_config_needs_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from crossdiff_core.cli import app
+
+    out = tmp_path / "synth"
+    args = ["synth", "--out", str(out), "--n-tokens", "2000", "--d-model", "8", "--shared", "4", "--chat-only", "2",
+            "--base-only", "2", "--weakly-shared", "2", "--changed", "2", "--mean-active", "1", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    manifest = (out / "manifest.json").read_bytes()
+    refused = CliRunner().invoke(app, [*args, "--seed", "1"])
+    assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
+    assert (out / "manifest.json").read_bytes() == manifest
+    replaced = CliRunner().invoke(app, [*args, "--seed", "1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert ActivationCache(out).manifest["synthetic"]["seed"] == 1

@@ -14,7 +14,8 @@ from crossdiff_core.config import defaults, from_dict, nested, result_fields, re
 from crossdiff_core.crosscoder import KINDS, CrossCoder, CrossCoderConfig, CrossCoderSettings
 from crossdiff_core.errors import ConfigError
 from crossdiff_core.trainer import TrainConfig
-from flows.common import SECTIONS, load_params
+from flows.common import SECTION_NAMES, load_params, section
+from flows.sections import SECTIONS, read_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,13 +27,15 @@ PROFILE = {
     "data.n_tokens": "the demo caches 400k tokens; the library default is all the data",
     "data.max_length": "the toy pair's context is 256 tokens; the library default is 1024",
     "evaluate.chats": "the held-out file the models stage exports",
+    "locate.chats": "the held-out file the models stage exports",
+    "locate.max_length": "the toy pair's context; the library default is 1024",
     "evaluate.max_length": "the toy pair's context; the library default is 1024",
     "report.cards.max_chat_only": "the demo's report shows at most 64 chat-only cards; the library default is all",
 }
 # settings a stage reads from another stage's section (dvc.yaml lists them with the stage)
 BORROWED = {"steer": {"evaluate.chats", "evaluate.messages_column"}}
 # dvc.yaml stage -> the params.yaml section its config dataclass reads
-STAGE_SECTION = {"toy_models": "models", "cache": "cache", "train": "train", "analyze": "analyze",
+STAGE_SECTION = {"toy_models": "models", "locate": "locate", "cache": "cache", "train": "train", "analyze": "analyze",
                  "evaluate": "evaluate", "steer": "steer", "report": "report"}
 
 
@@ -65,7 +68,7 @@ def _norm(v):
 
 def test_params_yaml_holds_the_dataclass_defaults():
     params = _yaml("params.yaml")
-    assert set(params) == {"params_file", *SECTIONS}
+    assert tuple(SECTIONS) == SECTION_NAMES == tuple(k for k in params if k != "params_file")
     for name, cls in SECTIONS.items():
         from_dict(cls, params[name], section=name)  # every key is a field (strict)
         want = _leaves(_norm(defaults(cls)), f"{name}.")
@@ -102,15 +105,35 @@ def test_nested_sections_are_read_strictly_and_become_dataclasses():
         from_dict(SECTIONS["report"], {"cards": 3}, section="report")
 
 
-def test_load_params_refuses_a_misspelt_setting_or_section(tmp_path, monkeypatch):
+def test_a_misspelt_setting_or_section_is_refused(tmp_path, monkeypatch):
+    from crossdiff_core.analysis import AnalysisConfig
+
     monkeypatch.chdir(tmp_path)
     base = _yaml("params.yaml")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(dict(base, analyze=dict(base["analyze"], covrage=0.9))))
+    p = load_params("params.yaml")  # a stage reads only its own sections strictly ...
     with pytest.raises(ConfigError, match=r"unknown analyze settings \['covrage'\]"):
-        load_params("params.yaml")
+        section(p, "analyze", AnalysisConfig)  # ... as the analyze stage does
+    with pytest.raises(ConfigError, match=r"unknown analyze settings \['covrage'\]"):
+        read_all(p)  # the whole pipeline reads every section before its first stage
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(dict(base, paths=dict(base["paths"], cahce="x"))))
+    with pytest.raises(ConfigError, match=r"unknown paths settings \['cahce'\]"):
+        load_params("params.yaml")  # what every stage reads
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(dict(base, trian={})))
     with pytest.raises(ConfigError, match=r"unknown sections \['trian'\]"):
         load_params("params.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({k: v for k, v in base.items() if k != "steer"}))
+    with pytest.raises(ConfigError, match=r"lacks the sections \['steer'\]"):
+        load_params("params.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(dict(base, params_file="nowhere.yaml")))
+    with pytest.raises(ConfigError, match="nowhere.yaml, which does not exist"):
+        load_params("params.yaml")
+
+
+def test_read_all_gives_every_section_as_its_dataclass():
+    got = read_all(load_params(str(REPO / "params.yaml")))
+    assert list(got) == list(SECTIONS) and all(isinstance(got[n], cls) for n, cls in SECTIONS.items())
+    assert got["train"].kinds == tuple(TrainConfig().kinds)
 
 
 def _dvc_params(stage: dict, item: str | None) -> set[str]:

@@ -216,7 +216,7 @@ def test_init_per_kind_defaults_and_bias_at_the_data_mean():
     assert not m.b_dec.detach().any()
     with pytest.raises(ConfigError, match="b_dec_init must be one of"):
         CrossCoderConfig(kind="batchtopk", d_model=d, dict_size=F, k=3, b_dec_init="median")
-    with pytest.raises(ConfigError, match="init_norm must be positive"):
+    with pytest.raises(ConfigError, match="init_norm must be"):
         CrossCoderConfig(kind="l1", d_model=d, dict_size=F, init_norm=0.0)
 
 

@@ -6,11 +6,15 @@ its imports, transitively: ``import`` and ``from ... import`` anywhere in a modu
 too), relative imports, packages (their ``__init__`` and each submodule imported), and a
 ``"-m", "crossdiff_core.<x>"`` pair in a command list (a module a stage launches, e.g. under torchrun).
 A package's data files (files other than Python under its directory, e.g. a report template) belong
-to it. A dep on a directory covers everything under it. Only the project's own packages count."""
+to it. A dep on a directory covers everything under it. Only the project's own packages count.
+
+A failing test prints the code deps the stage needs (:func:`code_deps`), ready to paste into dvc.yaml:
+a package below the top level that the stage imports whole is one directory dep, the rest are files."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import shlex
 from pathlib import Path
 
@@ -101,6 +105,32 @@ def closure(module: str, root: Path = REPO) -> set[Path]:
     return seen
 
 
+def _files_under(d: Path) -> set[Path]:
+    """The files DVC hashes for a directory dep on ``d`` (.dvcignore leaves bytecode out)."""
+    return {p for p in d.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def code_deps(files: set[Path] | frozenset[Path], root: Path = REPO) -> list[str]:
+    """The shortest dvc.yaml deps list that covers exactly ``files``: each package below the top level
+    whose every file is in ``files`` becomes one directory dep (outermost first), the rest stay files."""
+    files = set(files)
+    packages = sorted({a for f in files for a in f.parents
+                       if a != root and a.parent != root and root in a.parents and (a / "__init__.py").is_file()},
+                      key=lambda a: (len(a.parts), a))
+    dirs: list[Path] = []
+    for d in packages:
+        if not any(u in d.parents for u in dirs) and _files_under(d) <= files:
+            dirs.append(d)
+    rest = [f for f in files if not any(u in f.parents for u in dirs)]
+    return sorted(d.relative_to(root).as_posix() for d in dirs) + sorted(f.relative_to(root).as_posix() for f in rest)
+
+
+def _paste(stage: str, module: str) -> str:
+    """The deps lines to paste into dvc.yaml for ``stage`` (its non-code deps, e.g. artifacts, stay)."""
+    lines = "\n".join(f"  - {d}" for d in code_deps(stage_closure(module)))
+    return f"\nits code deps (what `{module}` imports) are:\n{lines}"
+
+
 def _substitute(s: str, key: str | None, item) -> str:
     if key is not None:
         s = s.replace("${key}", str(key))
@@ -143,6 +173,11 @@ def covered(f: Path, deps: list[str]) -> bool:
 
 
 STAGES = stages()
+
+
+@functools.lru_cache(maxsize=None)
+def stage_closure(module: str) -> frozenset[Path]:
+    return frozenset(closure(module))
 
 
 def test_the_closure_follows_every_kind_of_import(tmp_path):
@@ -189,13 +224,62 @@ def test_stage_deps_cover_its_code(stage):
     st = STAGES[stage]
     module = command_module(st["cmd"])
     assert module_file(module) is not None, f"{stage}: {module} is not a project module"
-    missing = sorted(f.relative_to(REPO).as_posix() for f in closure(module) if not covered(f, st["deps"]))
+    missing = sorted(f.relative_to(REPO).as_posix() for f in stage_closure(module) if not covered(f, st["deps"]))
     assert not missing, (f"dvc.yaml stage {stage} runs `{module}`, which imports files its deps lack: "
-                         f"{missing}; add them (or their package directory) to the stage's deps")
+                         f"{missing}; replace the stage's code deps with the list below{_paste(stage, module)}")
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_code_deps_exist(stage):
-    code = [d for d in STAGES[stage]["deps"] if d.split("/")[0] in PROJECT]
+def test_stage_code_deps_exist_and_are_used(stage):
+    st = STAGES[stage]
+    code = [d for d in st["deps"] if d.split("/")[0] in PROJECT]
     gone = [d for d in code if not (REPO / d).exists()]
     assert not gone, f"dvc.yaml stage {stage} depends on code that does not exist: {gone}; update its deps"
+    module = command_module(st["cmd"])
+    used = stage_closure(module)
+    # a dep on a file the stage never imports, or on a directory holding one, reruns it for nothing
+    unused = [d for d in code if not (_files_under(REPO / d) if (REPO / d).is_dir() else {REPO / d}) <= used]
+    assert not unused, (f"dvc.yaml stage {stage} depends on code its command never imports: {unused}; replace "
+                        f"the stage's code deps with the list below{_paste(stage, module)}")
+
+
+def test_code_deps_are_the_shortest_exact_list(tmp_path):
+    for rel in ("crossdiff_core/__init__.py", "crossdiff_core/a.py", "crossdiff_core/sub/__init__.py",
+                "crossdiff_core/sub/b.py", "crossdiff_core/sub/t/page.j2", "crossdiff_core/half/__init__.py",
+                "crossdiff_core/half/c.py", "crossdiff_core/half/d.py", "crossdiff_core/half/__pycache__/d.pyc"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    used = {tmp_path / r for r in ("crossdiff_core/__init__.py", "crossdiff_core/sub/__init__.py",
+                                   "crossdiff_core/sub/b.py", "crossdiff_core/sub/t/page.j2",
+                                   "crossdiff_core/half/__init__.py", "crossdiff_core/half/c.py")}
+    # the top-level package is never one dep (a new module in it would rerun every stage)
+    assert code_deps(used, tmp_path) == ["crossdiff_core/sub", "crossdiff_core/__init__.py",
+                                         "crossdiff_core/half/__init__.py", "crossdiff_core/half/c.py"]
+
+
+# what only the whole pipeline (flows.pipeline) and the tests import: every stage's code
+PIPELINE_ONLY = ("flows/sections.py", "flows/pipeline.py")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_imports_the_whole_pipeline(stage):
+    files = {f.relative_to(REPO).as_posix() for f in stage_closure(command_module(STAGES[stage]["cmd"]))}
+    assert not files & set(PIPELINE_ONLY), (f"dvc.yaml stage {stage} imports {sorted(files & set(PIPELINE_ONLY))}, "
+                                            "which import every stage's code: read the stage's own sections with "
+                                            "flows.common.section and its own config classes instead")
+
+
+def test_the_models_stage_depends_on_no_later_stage():
+    # a change to training, analysis, steering or the report must not rebuild the toy pair
+    files = {f.relative_to(REPO).as_posix() for f in stage_closure(command_module(STAGES["toy_models"]["cmd"]))}
+    later = {"crossdiff_core/trainer.py", "crossdiff_core/analysis.py", "crossdiff_core/steering.py",
+             "crossdiff_core/kl_eval.py", "crossdiff_core/locate.py", "crossdiff_core/caching.py",
+             "crossdiff_core/cards.py", "tasks/training.py", "tasks/analysis.py", "tasks/steering.py",
+             "tasks/reporting.py"}
+    assert not files & later and not any(f.startswith("crossdiff_core/report/") for f in files), sorted(files & later)
+
+
+def test_bytecode_does_not_change_code_deps():
+    # a directory dep's hash would otherwise change whenever Python writes __pycache__ into it
+    ignored = {line.strip() for line in (REPO / ".dvcignore").read_text().splitlines()}
+    assert {"__pycache__/", "*.pyc"} <= ignored

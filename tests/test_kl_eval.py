@@ -9,9 +9,11 @@ import torch
 
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.data import tokenize_chat
-from crossdiff_core.kl_eval import (CATEGORIES, KLConfig, PatchSet, default_sets, first_n_mask, kl_gap, make_batch,
-                                    nu_order, suffix_logits)
+from crossdiff_core.kl_eval import CATEGORIES, KLConfig, first_n_mask, kl_gap, make_batch
+from crossdiff_core.patch_sets import PatchSet, default_sets, nu_order
+from crossdiff_core.patching import suffix_logits
 from crossdiff_core.models import decoder_layers, load_pair
+from crossdiff_core.runs import LATENT_COLUMNS
 from tests.test_models import make_pair_dirs
 
 LAYER = 1
@@ -218,7 +220,10 @@ def test_cli_evaluate(tmp_path):
     table = pd.DataFrame({"latent": np.arange(F), "class": ["chat_only"] * 10 + ["shared"] * (F - 10),
                           "delta_norm": np.linspace(1, 0, F), "nu_rank": np.arange(F, dtype=float),
                           "max_act": np.ones(F)})
-    table.to_parquet(tmp_path / "latents.parquet")
+    for c in LATENT_COLUMNS:  # read_latents checks every DESIGN §2 column
+        if c not in table:
+            table[c] = 0.5
+    table[list(LATENT_COLUMNS)].to_parquet(tmp_path / "latents.parquet")
     with open(tmp_path / "chats.jsonl", "w") as f:
         for c in CONVERSATIONS:
             f.write(json.dumps({"messages": c}) + "\n")
@@ -236,3 +241,45 @@ def test_cli_evaluate(tmp_path):
     table.head(5).to_parquet(tmp_path / "other.parquet")
     r = CliRunner().invoke(app, args[:3] + ["--latents", str(tmp_path / "other.parquet")] + args[5:])
     assert r.exit_code == 2 and "describes 5 latents" in r.output
+
+
+def _no_chat_only_table() -> pd.DataFrame:
+    """Nothing crosses Δnorm 0.9; latent 5 is dead (its init's 0.5); 3 and 6 tie in Δnorm (0.87)."""
+    return pd.DataFrame({
+        "latent": np.arange(8),
+        "class": ["other", "shared", "other", "other", "other", "dead", "other", "base_only"],
+        "delta_norm": [0.70, 0.50, 0.80, 0.87, 0.61, 0.50, 0.872, 0.05],
+        "nu_error": [0.9, 1.0, 0.4, 0.5, 0.8, np.nan, 0.1, 1.2],
+        "nu_recon": [0.9, 1.0, 0.3, 0.6, 0.8, np.nan, 0.2, 1.1],
+        "nu_rank": [1.0] * 8,  # within-class ranks: not what the top-N ranking uses
+        "freq": [0.1, 0.1, 0.1, 0.1, 0.1, 0.0, 0.1, 0.1],
+    })
+
+
+def test_chat_ranking_by_delta_norm_then_nu():
+    from crossdiff_core.chat_rank import chat_ranking, top_chat
+
+    t = _no_chat_only_table()
+    # Δnorm steps of 0.01: 3 (0.87) and 6 (0.872) share one, and 6 has the lower ν rank over the live latents
+    # (ν_ε ranks 6:1 2:2 3:3 4:4 0:5 1:6 7:7; ν_r 6:1 2:2 3:3 4:4 0:5 1:6 7:7) -> 6 first; the dead latent 5 is out
+    assert chat_ranking(t)["latent"].tolist() == [6, 3, 2, 0, 4, 1, 7]
+    assert chat_ranking(t)["chat_rank"].tolist() == list(range(1, 8))
+    assert top_chat(t, 3).tolist() == [6, 3, 2]
+    assert top_chat(t, 100).size == 7 and top_chat(t, 0).size == 0
+
+
+def test_default_sets_with_no_chat_only_latents():
+    t = _no_chat_only_table()
+    sets = {s.name: s for s in default_sets(t, n_random=4, seed=2, n_top_chat=4)}
+    assert sets["chat_only"].size == 0 and "nu_top" not in sets and "random_0" not in sets
+    assert sets["top_chat"].latents.tolist() == [0, 2, 3, 6]  # sorted ids of the top 4: 6, 3, 2, 0
+    assert sets["top_chat_delta_norm"].latents.tolist() == [6, 3]  # the higher-Δnorm half, in ranking order
+    # ν rank over the top 4 (computed over all live latents): 6 (2), 2 (4), 3 (6), 0 (10)
+    assert sets["top_chat_nu"].latents.tolist() == [6, 2]
+    rnd = [s for s in sets.values() if s.group == "top_chat_random"]
+    assert len(rnd) == 4 and all(s.size == 4 and 5 not in s.latents for s in rnd)  # live latents only
+    assert len({tuple(s.latents) for s in rnd}) > 1
+    assert {"base", "chat", "error", "reconstruction"} <= set(sets)
+    assert not any(s.name.startswith("top_chat") for s in default_sets(t, n_top_chat=0))
+    with pytest.raises(Exception, match="n_top_chat"):
+        default_sets(t, n_top_chat=-1)

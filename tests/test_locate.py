@@ -191,16 +191,21 @@ def test_config_and_behaviour_inputs(tmp_path):
     with pytest.raises(ConfigError, match="fraction"):
         LocateConfig(fraction=0)
     assert LocateConfig.from_dict({"batch_size": 3}).batch_size == 3
-    gt = {"format_version": 1, "eval_prompts": [{"text": "a", "expected": "refusal", "kind": "x"},
-                                                {"text": "b", "expected": None, "kind": "y"}]}
+    from crossdiff_core.toy import ToyModelsConfig, make_ground_truth
+
+    gt = make_ground_truth(ToyModelsConfig()) | {"eval_prompts": [{"text": "a", "expected": "refusal", "kind": "x"},
+                                                                  {"text": "b", "expected": None, "kind": "y"}]}
     (tmp_path / "ground_truth.json").write_text(json.dumps(gt))
     want = [{"text": "a", "expected": "refusal"}, {"text": "b", "expected": None}]
     assert behaviour_prompts(tmp_path / "ground_truth.json") == want
     assert behaviour_prompts(tmp_path) == want  # the build directory
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(q) + "\n" for q in want))
     assert behaviour_prompts(tmp_path / "p.jsonl") == want
-    with pytest.raises(ConfigError, match="not supported yet"):
-        behaviour_prompts(tmp_path / "behaviours.yaml")
+    (tmp_path / "behaviours.yaml").write_text("behaviours:\n- name: refusal\n  answer: {startswith: Sorry}\n"
+                                              "  trigger_prompts: [a]\nother_prompts: [b]\n")
+    assert behaviour_prompts(tmp_path / "behaviours.yaml") == want  # a behaviour spec
+    with pytest.raises(ConfigError, match="does not exist"):
+        behaviour_prompts(tmp_path / "missing.yaml")
 
 
 def test_cli_locate(tmp_path):
@@ -233,3 +238,85 @@ def test_cli_locate(tmp_path):
                                  str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "hidden sizes differ" in r.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_locate_task_writes_the_stage_outputs_and_auto_reads_them(tmp_path):
+    """What the locate stage runs (tasks/locating.py): locate.json, its plot, recommended.json (what
+    ``cache.layer: auto`` resolves through) and the flat headline (DVC metrics)."""
+    from crossdiff_core.caching import resolve_layer
+    from tasks.locating import LOCATE, PLOT, RECOMMENDED, locate_task
+
+    base, chat = planted_pair_dirs(tmp_path)
+    with open(tmp_path / "chats.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS)
+    settings = {"chats": [str(tmp_path / "chats.jsonl")], "n_tokens": 150, "progress": False}
+    out = tmp_path / "locate"
+    head = locate_task.fn({"base": base, "chat": chat}, settings, None, str(out))
+    d = json.loads((out / LOCATE).read_text())
+    assert d["config"]["chats"] == settings["chats"] and d["inputs"]["behaviours"] is None
+    assert head["recommended_layer"] == d["recommended_layer"] == PLANTED and head["n_layers"] == N_LAYERS
+    assert [head[f"kl_first9_L{L}"] for L in range(N_LAYERS)] == [r["kl_first9"] for r in d["per_layer"]]
+    assert (out / PLOT).read_bytes()[:4] == b"\x89PNG"
+    rec = json.loads((out / RECOMMENDED).read_text())
+    assert rec["recommended_layer"] == PLANTED and "timings" not in rec
+    assert resolve_layer("auto", out / RECOMMENDED) == resolve_layer("auto", out / LOCATE) == PLANTED
+
+
+def _sweep(n: int = 4, rec: int = 2) -> dict:
+    """A locate result whose first-9 KL grows block by block (largest at the last block)."""
+    rows = [{"layer": L, "kl_first9": 0.1 * 2 ** L, "kl_response": 0.05 * 2 ** L, "kl_template": 0.01} for L in range(n)]
+    return {"format_version": 1, "per_layer": rows, "recommended_layer": rec, "recommended_by": "kl_first9",
+            "rule": "the earliest block whose kl_first9 reaches 0.5 x its largest value", "n_layers": n}
+
+
+def test_report_sweep_sentence_and_cached_layers(tmp_path):
+    import pandas as pd
+
+    from crossdiff_core.report import RunInputs
+    from crossdiff_core.report.layers import cached_layers, read_locate, sweep_sentence
+
+    s = sweep_sentence(_sweep(), [0])
+    assert "strongest after block 3" in s and "recommends block 2" in s and "read block 0 (12% of that largest KL)" in s
+    assert "earlier than the recommendation" in s
+    assert "earlier" not in sweep_sentence(_sweep(), [2]) and "not recorded" in sweep_sentence(_sweep(), [])
+    runs = [RunInputs("a", pd.DataFrame(), {}, kl={"inputs": {"layer": 3}}),
+            RunInputs("b", pd.DataFrame(), {"cache": {"path": str(tmp_path / "gone")}}, steering={"inputs": {"layer": 1}}),
+            RunInputs("c", pd.DataFrame(), {"cache": {"path": str(tmp_path / "gone")}})]
+    assert cached_layers(runs) == {"a": 3, "b": 1}  # c: its cache is gone, its layer unknown
+    (tmp_path / "bad.json").write_text(json.dumps(_sweep() | {"recommended_layer": 9}))
+    with pytest.raises(Exception, match="not one of its blocks"):
+        read_locate(tmp_path / "bad.json")
+
+
+def test_report_shows_the_layer_sweep(tmp_path):
+    """``crossdiff report --locate``: the section, its plot and ``layer_sweep`` in report.json, the cached block
+    read from the analysed cache's manifest."""
+    from typer.testing import CliRunner
+
+    from crossdiff_core.analysis import AnalysisConfig, analyze
+    from crossdiff_core.cache import ActivationCache
+    from crossdiff_core.cli import app
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+    from crossdiff_core.fileio import write_json
+    from crossdiff_core.runs import default_summary_path, write_latents
+    from crossdiff_core.synthetic import SyntheticConfig, write_cache
+
+    write_cache(SyntheticConfig(d_model=8, n_shared=8, n_chat_only=4, n_base_only=4, n_weakly_shared=2, n_changed=2,
+                                n_tokens=600, seq_len=30, shard_tokens=300, seed=1), tmp_path / "cache")
+    cache = ActivationCache(tmp_path / "cache")  # layer 0
+    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=8, dict_size=16, init_norm=0.3), scales=cache.scales(), seed=2)
+    res = analyze(cc, cache, AnalysisConfig(batch_size=256, progress=False))
+    write_latents(res.table, tmp_path / "latents.parquet")
+    write_json(res.summary, default_summary_path(tmp_path / "latents.parquet"))
+    write_json(_sweep(), tmp_path / "locate.json")
+    r = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "rep"), "--latents", f"L1={tmp_path / 'latents.parquet'}",
+                                 "--locate", str(tmp_path / "locate.json")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Where does the change live?" in page and "the crosscoders read block 0" in page
+    numbers = json.loads((tmp_path / "rep" / "report.json").read_text())["layer_sweep"]
+    assert numbers["recommended_layer"] == 2 and numbers["cached_layers"] == {"L1": 0}
+    assert [row["kl_first9"] for row in numbers["per_layer"]] == [row["kl_first9"] for row in _sweep()["per_layer"]]
+    assert (tmp_path / "rep" / "figures" / "layer_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    r = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "rep2"), "--latents", f"L1={tmp_path / 'latents.parquet'}"])
+    assert r.exit_code == 0 and "Where does the change live?" not in (tmp_path / "rep2" / "report.html").read_text()

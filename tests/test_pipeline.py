@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 COPY = ("crossdiff_core", "flows", "tasks", "dvc.yaml", "params.yaml", "params-paper.yaml", "prefect.yaml", ".dvcignore")
 GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
           "GIT_COMMITTER_EMAIL": "test@example.com"}
-STAGES = {"toy_models", "cache", "train@l1", "train@batchtopk", "analyze@l1", "analyze@batchtopk", "evaluate@l1",
+STAGES = {"toy_models", "locate", "cache", "train@l1", "train@batchtopk", "analyze@l1", "analyze@batchtopk", "evaluate@l1",
           "evaluate@batchtopk", "steer@l1", "steer@batchtopk", "report"}
+BEFORE_CACHE = {"toy_models", "locate"}  # done before the first run is killed in the cache stage
 AFTER_K = {"train@batchtopk", "analyze@batchtopk", "evaluate@batchtopk", "steer@batchtopk", "report"}
 
 # a toy pair that builds in seconds (the planted behaviours are not learnt at this size)
@@ -50,6 +51,7 @@ def micro(params: dict) -> dict:
     params["models"]["toy"] = MICRO_TOY
     params["models"]["corpus"] = {"text_chars": 100_000, "conversations": 150, "eval_conversations": 30, "seed": 0}
     params["data"].update(n_tokens=6000, max_length=64)
+    params["locate"].update(n_tokens=400, max_length=64)
     params["cache"].update(layer=1, shard_tokens=1024, batch_size=16)
     params["train"]["crosscoder"].update(dict_size=128, k=4, l1_coeff=1.0)
     params["train"].update(tokens=64 * 60, batch_size=64, lr=3e-3, val_every=20, checkpoint_every=10, dead_tokens=640,
@@ -186,7 +188,7 @@ def pipeline(tmp_path_factory):
 @pytest.mark.e2e  # `make test-fast` leaves it out
 def test_pipeline_completes_with_report_and_metrics(pipeline):
     ws, logs = pipeline["ws"], pipeline["logs"]
-    assert ran(logs["repro2"]) == STAGES - {"toy_models"}  # the models were built before the kill
+    assert ran(logs["repro2"]) == STAGES - BEFORE_CACHE  # the models and the layer sweep were made before the kill
     assert (ws / "artifacts/report/report.html").stat().st_size > 1000
     for kind in ("l1", "batchtopk"):
         assert (ws / f"artifacts/analysis/{kind}/latents.parquet").is_file()
@@ -194,7 +196,10 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
         assert (ws / f"artifacts/steer/{kind}/steering.json").is_file()
     shown = json.loads(logs["metrics"])
     metrics = next(iter(shown.values()))["data"]
-    assert {"metrics/train_l1.json", "metrics/train_batchtopk.json", "metrics/cache.json", "metrics/report.json"} <= set(metrics)
+    assert {"metrics/train_l1.json", "metrics/train_batchtopk.json", "metrics/cache.json", "metrics/report.json",
+            "metrics/locate.json"} <= set(metrics)
+    assert metrics["metrics/locate.json"]["data"]["recommended_layer"] == 0  # two blocks: block 0 is the candidate
+    assert (ws / "artifacts/locate/locate.png").is_file()
     assert metrics["metrics/train_batchtopk.json"]["data"]["k"] == 6  # the experiment's crosscoder
     assert 0 < metrics["metrics/train_l1.json"]["data"]["fve_chat"] <= 1
 
@@ -266,7 +271,7 @@ def test_mlflow_runs_and_lineage(pipeline):
             children.setdefault(r.data.tags["dvc.stage"], []).append(r)
     assert set(children) == STAGES
     # the stages of one dvc invocation share one parent
-    repro2 = {r.data.tags["mlflow.parentRunId"] for s in STAGES - {"toy_models"} - AFTER_K for r in children[s]}
+    repro2 = {r.data.tags["mlflow.parentRunId"] for s in STAGES - BEFORE_CACHE - AFTER_K for r in children[s]}
     assert len(repro2) == 1
 
     commit = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=ws, capture_output=True, text=True).stdout.strip()

@@ -54,7 +54,7 @@ def analysed(tmp_path_factory):
 def test_cards_against_brute_force(analysed):
     cache, cc, res = analysed
     table = res.table
-    lat = card_latents(table, n_shared=3, seed=0)
+    lat = card_latents(table, n_shared=3, seed=0, n_top_chat=0)
     co = table[(table["class"] == "chat_only") & np.isfinite(table["max_act"])]
     assert set(lat[:len(co)]) == set(co["latent"]) and len(lat) == len(co) + 3
     tok = build_tokenizer()
@@ -128,7 +128,7 @@ def _ground_truth() -> dict:
 def test_verdicts_name_a_latent_or_say_none_did(analysed):
     _, _, res = analysed
     run = RunInputs("L1", res.table, res.summary, steering=_fake_steering(res.table, rises=True))
-    v = behaviour_verdict(run)
+    v = behaviour_verdict(run, "refusal")
     co = res.table[(res.table["class"] == "chat_only") & np.isfinite(res.table["max_act"])]["latent"].head(3).tolist()
     assert v["found"] == "full" and v["best"]["latent"] == co[1] and v["best"]["alpha"] == 1.0
     assert f"chat-only latent {co[1]} (ν_ε = " in v["text"] and "(a = 1) raises" in v["text"]
@@ -136,21 +136,31 @@ def test_verdicts_name_a_latent_or_say_none_did(analysed):
     fixed = set(res.summary["filters"]["fixed"]["latents"])
     assert ("passes the fixed" in v["text"]) == (co[1] in fixed)
     run.steering = _fake_steering(res.table, rises=False)
-    v = behaviour_verdict(run)
+    v = behaviour_verdict(run, "refusal")
     assert not v["found"] and v["text"].startswith("No chat-specific latent raised the base model's refusal rate")
     assert v["best"] is None  # a flat run is not named
     assert v["tried"]["latents"] == sorted(co) and v["tried"]["alphas"] == [0.5, 1.0]
     run.steering = _fake_steering(res.table, rises=False, onset=True)  # "Sorry Sorry ...": the onset only
-    v = behaviour_verdict(run, ground_truth=_ground_truth())
+    v = behaviour_verdict(run, "refusal", _ground_truth())
     assert v["found"] == "onset" and v["best"]["latent"] == co[1] and v["best"]["alpha"] == 1.0
     assert v["text"].startswith("No chat-only latent made the base model give the whole refusal")
     assert "open its answers with “Sorry” on 80% of the trigger prompts (unsteered 0%" in v["text"]
     assert "In the chat model, no chat-only latent tried raised" in v["text"]
     run.steering = _fake_steering(res.table, rises=False, chat_onset=True)
-    v = behaviour_verdict(run, ground_truth=_ground_truth())
+    v = behaviour_verdict(run, "refusal", _ground_truth())
     assert not v["found"] and f"In the chat model, chat-only latent {co[0]} (ν_ε = " in v["text"]
     assert "at a = 1 raises answers opening with “Sorry” on prompts that do not trigger it from 0% to 90%" in v["text"]
-    assert behaviour_verdict(RunInputs("x", res.table, res.summary)) is None
+    assert behaviour_verdict(RunInputs("x", res.table, res.summary), "refusal") is None
+    # with a tracking table the verdict opens with the trackers of every class: a shared detector, the best chat-only
+    sh = int(res.table[(res.table["class"] == "shared") & np.isfinite(res.table["max_act"])]["latent"].iloc[0])
+    au = np.full(len(res.table), 0.5)
+    au[sh], au[co[2]] = 1.0, 0.9
+    run.tracking = pd.DataFrame({"latent": res.table["latent"], "auroc_refusal": au})
+    v = behaviour_verdict(run, "refusal", _ground_truth())
+    assert v["text"].startswith(f"Latents that track refusal best (AUROC of the prompt's largest activation, trigger "
+                                f"prompts vs the rest): {sh} (shared, 1.00), {co[2]} (chat-only, 0.90)")
+    assert f"the best chat-only tracker is latent {co[2]} (0.90)" in v["text"]
+    assert v["tracking"]["best_by_class"]["shared"]["latent"] == sh
 
 
 class _CDP:
@@ -234,12 +244,14 @@ def test_report_renders_in_headless_chromium(analysed, tmp_path, chromium):
                       steering=_fake_steering(table, rises=True)),
             RunInputs("BatchTopK", table, res.summary, kl=_fake_kl(table, 0.5), cards=cards,
                       steering=_fake_steering(table, rises=False))]
-    paths = build_report(runs, tmp_path / "out", title="test report", ground_truth=_ground_truth())
+    paths = build_report(runs, tmp_path / "out", title="test report", behaviours=_ground_truth())
     page = paths["html"].read_text()
     assert "src=\"http" not in page and "href=\"http" not in page and "<link" not in page  # self-contained
     numbers = json.loads(paths["json"].read_text())
-    assert numbers["runs"]["L1"]["refusal_steering"]["found"] == "full"
-    assert numbers["runs"]["BatchTopK"]["refusal_steering"]["found"] is False
+    assert numbers["runs"]["L1"]["behaviours"]["refusal"]["found"] == "full"
+    assert numbers["runs"]["BatchTopK"]["behaviours"]["refusal"]["found"] is False
+    assert set(numbers["runs"]["L1"]["behaviours"]) == {"refusal", "personal_phrase"}  # every behaviour of the spec
+    assert numbers["behaviour_rates"]["chat"]["rates"]["refusal"]["trigger_rate"] == 0.95
     assert numbers["runs"]["L1"]["kl_gap_closed"]["chat"]["first9"] == 1.0
     assert {p.name for p in paths["figures"].glob("*.png")} == {"class_counts.png", "kl_gap.png"}
     assert len(list(paths["figures"].glob("*/*.png"))) == 6  # three analysis plots per crosscoder
@@ -267,10 +279,12 @@ def test_report_renders_in_headless_chromium(analysed, tmp_path, chromium):
         verdicts: Array.from(document.querySelectorAll('.verdict')).map(v => v.textContent),
         count: document.getElementById('cards-count').textContent})""")
     n_cards = 2 * len(cards["cards"])
-    assert state["kl"] == len(runs) * (n_rows + 1) and state["effects"] == 2 and state["overview"] == 3
+    assert state["kl"] == len(runs) * (n_rows + 1) and state["effects"] == 2 * 2 and state["overview"] == 3  # run x behaviour
     assert state["rows"] == n_cards
     assert len(state["imgs"]) == 2 + 3 * 2 and all(state["imgs"])  # every inline PNG decoded
-    assert "raises its refusal rate" in state["verdicts"][0] and state["verdicts"][1].startswith("No chat-specific")
+    # per run, one verdict per behaviour: L1 refusal, L1 personal_phrase, BatchTopK refusal, ...
+    assert "raises its refusal rate" in state["verdicts"][0] and state["verdicts"][2].startswith("No chat-specific")
+    assert "personal_phrase" in state["verdicts"][1]
     assert state["count"] == f"{n_cards} of {n_cards} latents"
     # search filters the cards, sorting reorders them
     first = cards["cards"][0]["latent"]
@@ -305,8 +319,8 @@ def test_cli_cards_and_report(analysed, tmp_path):
                                    "--cache", str(cache.path), "--out", str(tmp_path / "cards.json"), "--tokenizer",
                                    str(tmp_path / "tok"), "--n-contexts", "2", "--n-shared", "1", "--no-progress"])
     assert run.exit_code == 0, run.output
-    n_chat_only = int(((res.table["class"] == "chat_only") & np.isfinite(res.table["max_act"])).sum())
-    assert len(json.loads((tmp_path / "cards.json").read_text())["cards"]) == n_chat_only + 1
+    # the chat-only latents, the most chat-specific live latents of other classes, one shared sample
+    assert len(json.loads((tmp_path / "cards.json").read_text())["cards"]) == len(card_latents(res.table, n_shared=1))
     run = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "rep"), "--latents", f"L1={tmp_path / 'latents.parquet'}",
                                    "--kl", f"L1={tmp_path / 'kl.json'}", "--cards", f"L1={tmp_path / 'cards.json'}",
                                    "--crosscoder", f"L1={tmp_path / 'cc'}"])
@@ -315,3 +329,80 @@ def test_cli_cards_and_report(analysed, tmp_path):
     run = CliRunner().invoke(app, ["report", "--out", str(tmp_path / "rep2"), "--latents", f"L1={tmp_path / 'latents.parquet'}",
                                    "--kl", f"TopK={tmp_path / 'kl.json'}"])
     assert run.exit_code == 2 and "no --latents NAME=PATH" in run.output
+
+
+# ---- "What changed": the verdict when nothing crosses Δnorm 0.9 (crossdiff_core.report.verdict) -------------
+
+def _nothing_chat_only(F: int = 40) -> pd.DataFrame:
+    """A latents table in which no latent crosses 0.9: Δnorm falls from 0.87 (latent 0) to 0.1; 38, 39 are dead."""
+    from crossdiff_core.runs import LATENT_COLUMNS
+
+    j = np.arange(F)
+    dn = np.linspace(0.87, 0.1, F)
+    t = pd.DataFrame({"latent": j, "delta_norm": dn, "class": np.where((dn >= 0.4) & (dn <= 0.6), "shared", "other"),
+                      "freq": 0.1, "max_act": 1.0, "nu_error": dn[::-1] / 2, "nu_recon": dn[::-1], "nu_rank": 1.0})
+    t.loc[[38, 39], ["class", "freq", "max_act", "nu_error", "nu_recon", "nu_rank"]] = ["dead", 0.0, np.nan, np.nan, np.nan, np.nan]
+    for c in LATENT_COLUMNS:
+        if c not in t:
+            t[c] = 0.5
+    return t[list(LATENT_COLUMNS)]
+
+
+def test_top_chat_cards_when_nothing_is_chat_only():
+    from crossdiff_core.chat_rank import top_chat
+
+    t = _nothing_chat_only()
+    lat = card_latents(t, n_shared=2, n_top_chat=5, seed=0)
+    assert lat[:5].tolist() == top_chat(t, 5).tolist() == [0, 1, 2, 3, 4]  # Δnorm descending
+    assert len(lat) == 7 and set(lat[5:]) <= set(t.loc[t["class"] == "shared", "latent"]) and not set(lat[5:]) & set(lat[:5])
+
+
+def test_what_changed_names_the_top_set_its_kl_and_its_trackers(analysed, tmp_path):
+    from crossdiff_core.report.verdict import what_changed
+
+    t = _nothing_chat_only()
+    sets = default_sets(t, n_random=3, seed=0, n_top_chat=8)
+    kl = np.full((len(sets), 3), 0.97)  # random sets close 3% of the gap
+    for i, s in enumerate(sets):
+        kl[i] = {"base": 1.0, "chat": 0.0, "top_chat": 0.59, "top_chat_delta_norm": 0.7, "top_chat_nu": 0.8}.get(s.name, 0.97)
+    kl_d = KLResult(sets, kl, np.array([90, 400, 300]), 12, {"total": 1.0}, KLConfig()).to_dict()
+    warning = "the models' mean squared norms differ (1.74x, s_c/s_b = 1.32)"
+    summary = {**analysed[2].summary, "scales": {"base": 1.0, "chat": 1.32, "ratio": 1.32, "convention": "per_model",
+                                                       "norm_ratio": 1.32, "warning": warning}}
+    tracking = pd.DataFrame({"latent": t["latent"], "auroc_refusal": np.where(t["latent"] == 3, 1.0, 0.5)})
+    run = RunInputs("L1", t, summary, kl=kl_d, tracking=tracking,
+                    history=[{"step": s, "dead_fraction": d, "dead_train_fraction": d / 2} for s, d in ((0, 0.0), (50, 0.3), (100, 0.05))])
+    v = what_changed(run)
+    assert v["chat_only"] == 0 and "no latent crossed Δnorm 0.9 (the chat-only class is empty)" in v["not_found"]
+    assert v["top_chat"]["n"] == 8 and [d["latent"] for d in v["top_chat"]["latents"]] == list(range(8))
+    lo, hi = v["top_chat"]["delta_norm_range"]
+    assert lo == pytest.approx(t.loc[7, "delta_norm"]) and hi == pytest.approx(0.87)
+    assert f"The 8 most chat-specific live latents (Δnorm {lo:.2f}–0.87)" in v["text"]
+    assert "close 41% of the KL gap on the first 9 answer tokens, vs 3% for random sets" in v["text"]
+    assert v["kl"]["top_chat_first9"] == pytest.approx(0.41) and v["kl"]["random_first9"] == pytest.approx(0.03)
+    assert v["tracks"] == {"refusal": [{"latent": 3, "auroc": 1.0}]} and "3 track refusal" in v["text"]
+    assert v["found"] and v["scales_warning"] == warning and v["dead_fraction"] == pytest.approx(2 / 40)
+    paths = build_report([run], tmp_path / "rep")
+    page = paths["html"].read_text()
+    assert "What changed" in page and "no latent crossed Δnorm 0.9" in page and "Warning: the models" in page
+    assert (paths["figures"] / "dead_history.png").is_file()
+    numbers = json.loads(paths["json"].read_text())
+    assert numbers["runs"]["L1"]["what_changed"]["kl"]["random_first9"] == pytest.approx(0.03)
+    assert numbers["runs"]["L1"]["scales"]["ratio"] == 1.32
+    assert numbers["runs"]["L1"]["kl_gap_closed"]["top_chat_random"]["first9"] == pytest.approx(0.03)
+    # nothing evaluated: the verdict says what is missing rather than claiming a finding
+    bare = what_changed(RunInputs("x", t, {"classes": {}}))
+    assert not bare["found"] and any("no KL evaluation" in n for n in bare["not_found"])
+
+
+def test_steering_takes_the_top_chat_latents_when_nothing_is_chat_only():
+    from crossdiff_core.steering import choose_latents
+
+    t = _nothing_chat_only()
+    chosen = choose_latents(t, n_top=3, n_shared=1, seed=0)
+    assert [c["latent"] for c in chosen[:3]] == [0, 1, 2] and all(c["reasons"] == ["chat_rank"] for c in chosen[:3])
+    assert len(chosen) == 4 and chosen[3]["reasons"] == ["shared_control"]
+    t.loc[[5, 6], "class"] = "chat_only"  # two chat-only latents: they come first, one top-chat latent fills up
+    chosen = choose_latents(t, n_top=3, n_shared=0)
+    assert [c["latent"] for c in chosen] == [5, 6, 0]  # equal ν rank: by latent id
+    assert chosen[2]["reasons"] == ["chat_rank"]

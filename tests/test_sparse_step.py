@@ -9,6 +9,7 @@ import torch
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.errors import ConfigError
 from crossdiff_core.metrics import _autocast
+from crossdiff_core import sparse_step
 from crossdiff_core.sparse_step import sparse_below, sparse_codes_step, use_sparse
 from crossdiff_core.trainer import optimisation_step
 
@@ -77,7 +78,8 @@ def _grads(m, x, dead, products, lam=0.3, dtype=None):
 
 
 @pytest.mark.parametrize("kind,with_dead", [("batchtopk", True), ("batchtopk", False), ("l1", False)])
-def test_sparse_step_equals_dense_and_brute_force(kind, with_dead):
+def test_sparse_step_equals_dense_and_brute_force(kind, with_dead, monkeypatch):
+    monkeypatch.setattr(sparse_step, "GRAD_BLOCK", 7)  # the weight gradients in 10 blocks, the last partial
     m, x = _model(kind), _batch()
     dead = _dead() if with_dead else None
     out_s, g_s = _grads(m, x, dead, "sparse")
@@ -136,7 +138,9 @@ def test_sparse_codes_step_pieces_by_hand():
     W_dec = torch.randn(2, 3, 2, generator=g, requires_grad=True)
     pre = X @ W_enc.detach().reshape(4, 3) + b_enc.detach()
     rows, lat = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 2])
-    f, x_hat, pre_dead, dec_dead = sparse_codes_step(W_enc, b_enc, W_dec, X, pre, rows, lat, torch.tensor([1]))
+    # blocks of 2 latents: {0, 1} (holding the dead latent 1) and {2}
+    f, x_hat, pre_dead, dec_dead = sparse_codes_step(W_enc, b_enc, W_dec, X, pre, rows, lat, torch.tensor([1]),
+                                                     block=2)
     torch.testing.assert_close(f, pre[rows, lat])
     torch.testing.assert_close(pre_dead, pre[:, [1]])
     torch.testing.assert_close(dec_dead, W_dec.detach()[:, 1].reshape(1, 4))

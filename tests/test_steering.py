@@ -14,8 +14,8 @@ from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.generation import generate_texts
 from crossdiff_core.headlines import steering_headline
 from crossdiff_core.models import decoder_layers, load_pair, residual_stream
-from crossdiff_core.steering import (SteerConfig, auroc, behaviour_tracking, first_user_turns, prompt_max_activations,
-                                     refusal_effects, run_steering, select_latents, steering, steering_kl,
+from crossdiff_core.steering import (SteerConfig, auroc, behaviour_effects, behaviour_tracking, first_user_turns,
+                                     prompt_max_activations, run_steering, select_latents, steering, steering_kl,
                                      steering_vectors)
 from tests.test_models import save_model, tiny_config
 
@@ -155,12 +155,13 @@ def test_prompt_max_activations_brute_force(toy):
 
 
 def test_select_latents():
-    table = _table(16)  # chat-only: 0, 4, 8, 12 (ν rank 16, 12, 8, 4); shared: 1, 5, 9, 13
+    table = _table(16)  # chat-only: 0, 4, 8, 12 (ν rank 16, 12, 8, 4); shared: 1, 5, 9, 13; base-only 2, ...; other 3, ...
     tracking = pd.DataFrame({"latent": np.arange(16), "auroc_refusal": np.linspace(0, 1, 16)})
     got = select_latents(table, n_top=2, n_shared=1, tracking=tracking, n_tracking=3, seed=0)
     assert got[:2] == [12, 8]  # lowest ν rank first
-    assert got[2:4] == [4, 0]  # then the best-tracking chat-only latents not yet chosen (12, 8 already in)
-    assert len(got) == 5 and got[4] in (1, 5, 9, 13)
+    # then the best trackers over every class (15 other, 14 base-only, 13 shared); the best chat-only one (12) is in
+    assert got[2:5] == [15, 14, 13]
+    assert len(got) <= 6 and set(got[5:]) <= {1, 5, 9}  # a shared control not chosen yet
 
 
 def test_run_steering_with_ground_truth(toy):
@@ -170,8 +171,9 @@ def test_run_steering_with_ground_truth(toy):
                                                                     "personal_phrase", None])]
     res = run_steering(pair, cc, table, [0, 5], prompts,
                        SteerConfig(alphas=(0.0, 8.0), max_new_tokens=6, batch_size=8, n_examples=3, progress=False),
-                       ground_truth=gt)
+                       behaviours=gt)
     assert [lat["latent"] for lat in res["latents"]] == [0, 5]
+    assert [b["name"] for b in res["behaviours"]] == ["refusal", "personal_phrase"]
     for lat in res["latents"]:
         runs = {(r["model"], r["alpha"]): r for r in lat["runs"]}
         assert set(runs) == {("base", 0.0), ("base", 8.0), ("chat", 0.0), ("chat", 8.0)}
@@ -181,7 +183,7 @@ def test_run_steering_with_ground_truth(toy):
             assert runs[(m, 0.0)]["rates"] == res["baseline"][m]["rates"]
             assert runs[(m, 8.0)]["kl_mean"] > 0
             assert set(runs[(m, 8.0)]["rates"]["rates"]) == {"refusal", "personal_phrase"}
-    eff = refusal_effects(res)
+    eff = behaviour_effects(res, "refusal")
     assert len(eff) == 4 and set(eff["alpha"]) == {0.0, 8.0}
     assert (eff.loc[eff["alpha"] == 0.0, "rise"] == 0).all()
 
@@ -227,3 +229,28 @@ def test_first_user_turns_of_chat_data(tmp_path):
     got = first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=5)
     assert got == [{"text": "hi there", "expected": None}, {"text": "what is a volcano?", "expected": None}]
     assert first_user_turns([str(tmp_path / "c.jsonl")], "conversation", n=1) == got[:1]
+
+
+def test_tracking_and_steering_take_a_behaviour_spec(toy):
+    from crossdiff_core.behaviours import BehaviourSpec
+
+    pair, cc, _ = toy
+    spec = BehaviourSpec.from_dict({"behaviours": [
+        {"name": "volcano", "answer": {"contains": "lava"}, "trigger_prompts": [PROMPTS[0], PROMPTS[3]]},
+        {"name": "taste", "answer": {"startswith": "Yum"}, "trigger_prompts": [PROMPTS[1]]}],
+        "other_prompts": [PROMPTS[2], PROMPTS[4], PROMPTS[5]]})
+    tr = behaviour_tracking(pair, cc, spec, batch_size=4)  # on the spec's own prompts
+    acts = prompt_max_activations(pair, cc, [p["text"] for p in spec.prompts()], batch_size=4).numpy()
+    for name in spec.names:
+        pos = np.array([p["expected"] == name for p in spec.prompts()])
+        np.testing.assert_allclose(tr[f"auroc_{name}"], auroc(acts, pos))
+    assert [c for c in tr.columns if c.startswith("auroc_")] == ["auroc_volcano", "auroc_taste"]
+    res = run_steering(pair, cc, _table(40), [0], spec.prompts(),
+                       SteerConfig(alphas=(4.0,), max_new_tokens=4, batch_size=8, n_examples=2, progress=False),
+                       behaviours=spec, chosen_for={0: ["nu_rank"]})
+    assert [b["name"] for b in res["behaviours"]] == ["volcano", "taste"] and res["latents"][0]["chosen_for"] == ["nu_rank"]
+    for m in ("base", "chat"):
+        rates = res["baseline"][m]["rates"]["rates"]
+        assert (rates["volcano"]["n_trigger"], rates["taste"]["n_trigger"], rates["taste"]["n_other"]) == (2, 1, 5)
+    h = steering_headline(res)
+    assert {"base_volcano_raised_by", "base_taste_raised_by", "chat_volcano_raised_by", "chat_taste_onset_raised_by"} <= set(h)

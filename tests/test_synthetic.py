@@ -261,3 +261,89 @@ def test_cli_synth_train_score(tmp_path):
     assert len(pq.read_table(out.with_suffix(".parquet"))) == 14
     r = runner.invoke(app, ["synth-score", "--crosscoder", str(cc), "--cache", str(tmp_path)])
     assert r.exit_code == 2 and "crossdiff synth" in r.output
+
+
+# ---- input normalisation (crossdiff_core.normalisation): which scales keep shared features shared ----------
+
+def test_input_scales_hand_computed():
+    from crossdiff_core.normalisation import input_scales
+
+    d = 16
+    q = torch.tensor([4.0 * d, 9.0 * d])  # E||x_b||² = 4d, E||x_c||² = 9d
+    torch.testing.assert_close(input_scales(q, d, "per_model"), torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(input_scales(q, d, "joint"), torch.full((2,), 6.5 ** 0.5))  # sqrt((4 + 9) / 2)
+    torch.testing.assert_close(input_scales(q, d, "none"), torch.ones(2))
+    with pytest.raises(ConfigError, match="per_model"):
+        input_scales(q, d, "paper")
+    with pytest.raises(ConfigError, match="finite and positive"):
+        input_scales(torch.tensor([0.0, 1.0]), d, "joint")
+
+
+def test_equal_features_stay_at_half_unless_per_model_scales_a_grown_norm():
+    """A world whose chat norm grew 1.74x in directions no planted feature uses: a perfect latent of a shared
+    feature (equal write vectors in model units) has Δnorm 0.5 under joint and none, 1 / (2 · 1.32) under per_model."""
+    from crossdiff_core.normalisation import input_scales
+    from crossdiff_core.synthetic import ideal_delta_norm
+
+    t = make_truth(SyntheticConfig(**SMALL))
+    shared = _idx(t, "shared")
+    wb, wc = t.write_vectors()
+    torch.testing.assert_close(wb[shared].norm(dim=-1), wc[shared].norm(dim=-1))  # equal in model units
+    q = torch.tensor([10.0, 17.4])
+    r = 1.74 ** 0.5
+    for conv, want in (("joint", 0.5), ("none", 0.5), ("per_model", 0.5 / r)):
+        dn = ideal_delta_norm(t, input_scales(q, SMALL["d_model"], conv))[shared]
+        torch.testing.assert_close(dn, torch.full_like(dn, want), msg=conv)
+
+
+def test_trainer_uses_the_configured_normalisation(small_cache, tmp_path):
+    from dataclasses import replace
+
+    from crossdiff_core.crosscoder import CrossCoderSettings
+    from crossdiff_core.trainer import TrainConfig, train_crosscoder
+
+    cache, manifest = small_cache
+    q = torch.tensor([manifest["stats"][m]["mean_sq_norm"] for m in ("base", "chat")], dtype=torch.float64)
+    d = manifest["d_model"]
+    want = {"per_model": (q / d).sqrt(), "joint": (q.mean() / d).sqrt().expand(2), "none": torch.ones(2)}
+    tc = TrainConfig(tokens=512, batch_size=256, val_tokens=256, val_every=0, checkpoint_every=0, progress=False)
+    for conv, s in want.items():
+        out = tmp_path / conv
+        train_crosscoder(cache, out, kind="l1",
+                         train=replace(tc, crosscoder=CrossCoderSettings(dict_size=32, normalisation=conv)))
+        m = CrossCoder.load(out)
+        torch.testing.assert_close(m.scales, s.float(), msg=conv)
+        assert m.cfg.normalisation == conv
+        assert json.loads((out / "config.json").read_text())["normalisation"] == conv
+    assert CrossCoderConfig.from_dict({"kind": "l1", "d_model": 4, "dict_size": 8}).normalisation is None  # older file
+    with pytest.raises(ConfigError, match="normalisation"):
+        CrossCoderConfig(kind="l1", d_model=4, dict_size=8, normalisation="raw")
+
+
+def test_norm_growth_names_the_massive_dimensions():
+    from crossdiff_core.normalisation import norm_growth
+
+    mean_b, mean_c = np.zeros(8), np.zeros(8)
+    mean_b[1], mean_c[1], mean_c[5] = 1.0, 1.0, 3.0  # dim 5: a massive activation of the chat model only
+    stats = {"base": {"mean": mean_b.tolist(), "mean_sq_norm": 10.0}, "chat": {"mean": mean_c.tolist(), "mean_sq_norm": 20.0}}
+    g = norm_growth(stats, top_k=2)
+    assert g["source"] == "mean"
+    assert [t["dim"] for t in g["chat"]["top_dims"]] == [5, 1]
+    assert g["chat"]["top_dims"][0]["share"] == pytest.approx(9 / 20) and g["chat"]["mean_share"] == pytest.approx(10 / 20)
+    assert g["growth"]["ratio"] == 2.0 and g["growth"]["top_dims"][0] == {"dim": 5, "delta": 9.0, "share": 0.9}
+    stats["base"]["mean_sq"] = [1.25] * 8  # per-dim second moments when the writer recorded them
+    stats["chat"]["mean_sq"] = [1.25] * 7 + [11.25]
+    g = norm_growth(stats, top_k=1)
+    assert g["source"] == "mean_sq" and g["growth"]["top_dims"][0]["dim"] == 7 and g["growth"]["top_share"] == 1.0
+
+
+def test_cache_info_reports_what_carries_the_norm(small_cache):
+    from crossdiff_core.cache import cache_summary
+
+    cache, manifest = small_cache
+    g = cache_summary(cache, verify=False, check_values=False)["norm_growth"]
+    st = manifest["stats"]
+    assert g["growth"]["ratio"] == pytest.approx(st["chat"]["mean_sq_norm"] / st["base"]["mean_sq_norm"])
+    mu = np.asarray(st["chat"]["mean"])
+    top = int(np.argmax(np.abs(mu)))
+    assert g["chat"]["top_dims"][0] == {"dim": top, "mean": mu[top], "share": mu[top] ** 2 / st["chat"]["mean_sq_norm"]}

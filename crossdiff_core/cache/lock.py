@@ -13,9 +13,10 @@ Design (readers ignore all of this):
 - The holder writes its pid, host, start time and command into the file it holds exclusively; a writer
   that cannot get its lock reads them back (probing which files are really held) and names the holders.
 - flock is released when its process dies, however it dies, so a lock file left by a killed process
-  never blocks; it is overwritten by the next holder. A clean release deletes the file (the next locker
-  re-checks that the file it locked is still the one at the path, the usual protocol for unlinked lock
-  files), so a finished cache holds no lock file.
+  never blocks; it is overwritten by the next holder. A clean release deletes the files the writer held
+  exclusively (the next locker re-checks that the file it locked is still the one at the path, the usual
+  protocol for unlinked lock files); an exclusive writer also deletes stale slice files. So a finished
+  cache (its last writer a full run or a merge) holds no lock file.
 - On NFS, Linux emulates flock with POSIX record locks, which hold across hosts.
 """
 
@@ -146,15 +147,13 @@ class WriterLock:
             return
         main, own = self._main, self._own
         self._main = self._own = None
-        if own is not main:
-            self._slice_path().unlink(missing_ok=True)  # held exclusively: nobody else uses it
+        # delete only what this writer holds exclusively; a shared holder leaves the main file (upgrading
+        # to delete it would make a slice starting that instant fail), and the merge deletes it later
+        if own != main:
+            self._slice_path().unlink(missing_ok=True)
             os.close(own)
-        try:
-            # the last shared holder may delete the main file too; a conversion that fails just drops the lock
-            fcntl.flock(main, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
             (self.dir / LOCK).unlink(missing_ok=True)
-        except OSError:
-            pass
         os.close(main)
 
     def __del__(self) -> None:

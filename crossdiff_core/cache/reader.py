@@ -22,6 +22,7 @@ from crossdiff_core.cache.format import (DTYPES, EXPONENT_BITS, MANIFEST, MODELS
                                          open_regular, parse_header, read_manifest, sha256_file, torch_dtype)
 from crossdiff_core.cache.shuffle import iter_shuffled, plan_shuffle
 from crossdiff_core.errors import CacheError, ConfigError
+from crossdiff_core.normalisation import PER_MODEL, input_scales
 
 __all__ = ["ActivationCache"]
 
@@ -204,10 +205,14 @@ class ActivationCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def scales(self) -> torch.Tensor:
-        """[2] float32 (s_base, s_chat) with s_m = sqrt(mean_sq_norm_m / d_model), so E||x_m / s_m||² = d_model."""
-        msn = torch.tensor([float(self.manifest["stats"][m]["mean_sq_norm"]) for m in MODELS], dtype=torch.float64)
-        return (msn / self.d_model).sqrt().to(torch.float32)
+    def mean_sq_norms(self) -> torch.Tensor:
+        """``[2]`` float64 ``(q_base, q_chat)``, ``q_m = E||x_m||²`` over the cache (its manifest's stats)."""
+        return torch.tensor([float(self.manifest["stats"][m]["mean_sq_norm"]) for m in MODELS], dtype=torch.float64)
+
+    def scales(self, convention: str = PER_MODEL) -> torch.Tensor:
+        """``[2]`` float32 ``(s_base, s_chat)`` under ``convention`` (:func:`~crossdiff_core.normalisation.input_scales`);
+        the default, per_model, has ``s_m = sqrt(q_m / d_model)``, so ``E||x_m / s_m||² = d_model``."""
+        return input_scales(self.mean_sq_norms(), self.d_model, convention)
 
     def tokens(self, columns: list[str] | None = None) -> pa.Table:
         """The per-token table (tokens.parquet), optionally only `columns`."""

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from crossdiff_core.cache.format import MODELS, REQUIRED_KEYS, TOKENS
 from crossdiff_core.cache.reader import ActivationCache
+from crossdiff_core.normalisation import norm_growth
 
 __all__ = ["cache_summary"]
 
@@ -38,6 +39,8 @@ def cache_summary(path: str | os.PathLike, *, verify: bool = True, check_values:
         "values": "all finite" if check_values else "not checked",
         "scales": dict(zip(MODELS, cache.scales().tolist())),
         "mean_norm": {k: float(np.linalg.norm(m["stats"][k]["mean"])) for k in MODELS},
+        # which dimensions carry each model's mean squared norm and the chat/base difference (massive activations)
+        "norm_growth": norm_growth(m["stats"]),
     }
     if (cache.path / TOKENS).exists():
         t = cache.tokens(["source", "is_template", "is_assistant", "sequence"])

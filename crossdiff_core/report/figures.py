@@ -23,11 +23,12 @@ from ..latent_scaling import TARGETS  # noqa: E402
 from .inputs import RunInputs  # noqa: E402
 from .numbers import kl_table  # noqa: E402
 
-KL_BAR_SETS = ("chat_only", "delta_norm_top", "delta_norm_bottom", "nu_top", "nu_bottom", "random", "error",
-               "reconstruction")
+KL_BAR_SETS = ("chat_only", "delta_norm_top", "delta_norm_bottom", "nu_top", "nu_bottom", "random", "top_chat",
+               "top_chat_delta_norm", "top_chat_nu", "top_chat_random", "error", "reconstruction")
 CATEGORY_TITLES = {"first9": "first 9 response tokens", "response": "all response tokens", "template": "template tokens"}
 
-CLASS_COLOURS = {"chat_only": "tab:red", "base_only": "tab:blue", "shared": "tab:green", "other": "tab:gray"}
+CLASS_COLOURS = {"chat_only": "tab:red", "base_only": "tab:blue", "shared": "tab:green", "other": "tab:gray",
+                 "dead": "black"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -180,4 +181,27 @@ def plot_kl_gap(runs: Sequence[RunInputs], path: str | os.PathLike) -> Path | No
     np.atleast_1d(axes)[0].set_ylabel("% of KL gap closed (h_base 0%, h_chat 100%)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_dead_history(runs: Sequence[RunInputs], path: str | os.PathLike) -> Path | None:
+    """The dead fraction over training, one line per crosscoder: on the held-out tokens (``dead_fraction``,
+    solid) and unfired for the trainer's dead window (``dead_train_fraction``, dashed), from ``history.json``.
+    None when no run has a history."""
+    runs = [r for r in runs if r.history]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, r in enumerate(runs):
+        steps = [h["step"] for h in r.history]
+        for key, ls, what in (("dead_fraction", "-", "held-out"), ("dead_train_fraction", "--", "training window")):
+            y = [h.get(key) for h in r.history]
+            if any(v is not None for v in y):
+                ax.plot(steps, [np.nan if v is None else 100 * v for v in y], ls, color=f"C{i}", label=f"{r.name} ({what})")
+    ax.axhline(5, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("dead latents (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("dead fraction over training (dotted: 5%)", fontsize=9)
+    ax.legend(fontsize=7)
     return _save(fig, Path(path))

@@ -1,6 +1,7 @@
-"""The report's numbers (``report.json``) and the prose verdicts on the planted behaviours: whether steering a
-chat-only latent makes the base model show a behaviour (:func:`behaviour_verdict`). Also the formatting the
-page shares with the verdicts."""
+"""The report's numbers (``report.json``) and the prose verdicts on the behaviours of the pair's behaviour spec
+(:mod:`crossdiff_core.behaviours`; the toy pair's ground truth is one): for each behaviour, which latents track
+it and whether steering them makes the base model show it, or the chat model show it where it should not
+(:func:`behaviour_verdict`). Also the formatting the page shares with the verdicts."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import numpy as np
 import pandas as pd
 
 from ..decoder_norms import CHAT_ONLY
-from ..ground_truth import onset_word
+from ..behaviours import rules
+from ..fileio import json_safe
 from ..kl_eval import CATEGORIES
-from ..steering import raising_runs, refusal_effects
+from ..steering import behaviour_effects, behaviour_names, raising_runs, tracking_summary
 from .inputs import RunInputs
+from .verdict import what_changed
 
 
 def num(v: Any, digits: int = 6) -> Any:
@@ -53,24 +56,43 @@ def kl_table(run: RunInputs) -> pd.DataFrame:
         rows.append({"set": s["name"], "size": s["size"], "description": s["description"],
                      **{f"kl_{c}": s["kl"][c] for c in CATEGORIES}, **{f"gap_{c}": s["gap_closed"][c] for c in CATEGORIES}})
     for g, st in run.kl.get("groups", {}).items():
-        rows.append({"set": g, "size": st["size"], "description": f"{st['n_sets']} random sets of {st['size']} chat-only latents (mean ± std)",
+        what = "live" if g == "top_chat_random" else "chat-only"  # the baseline of top_chat, else of the chat-only sets
+        rows.append({"set": g, "size": st["size"], "description": f"{st['n_sets']} random sets of {st['size']} {what} latents (mean ± std)",
                      **{f"kl_{c}": st["kl_mean"][c] for c in CATEGORIES}, **{f"gap_{c}": st["gap_closed_mean"][c] for c in CATEGORIES},
                      **{f"kl_std_{c}": st["kl_std"][c] for c in CATEGORIES},
                      **{f"gap_std_{c}": st["gap_closed_std"][c] for c in CATEGORIES}})
     return pd.DataFrame(rows)
 
 
-def _onset_label(behaviour: str, ground_truth: dict | None) -> str:
-    """How the texts name a behaviour's opening word: quoted from the ground truth, else "its first word"."""
-    b = next((b for b in (ground_truth or {}).get("behaviours", []) if b["name"] == behaviour), None)
-    return f"“{onset_word(b)}”" if b else "its first word"
+def _onset_label(behaviour: str, behaviours: Any) -> str:
+    """How the texts name a behaviour's opening word: quoted from the spec, else "its opening"."""
+    b = next((b for b in (rules(behaviours) if behaviours else ()) if b.name == behaviour), None)
+    return f"“{b.onset}”" if b is not None and b.onset else "its opening"
+
+
+def _tracking(run: RunInputs, behaviour: str) -> dict | None:
+    """The run's best trackers of ``behaviour`` over all live latents, and the best of each class."""
+    if run.tracking is not None and f"auroc_{behaviour}" in run.tracking:
+        return tracking_summary(run.latents, run.tracking).get(behaviour)
+    return ((run.steering or {}).get("tracking") or {}).get(behaviour)
+
+
+def _tracking_text(tr: dict | None, behaviour: str) -> str:
+    if not tr or not tr.get("best"):
+        return ""
+    best = ", ".join(f"{t['latent']} ({t['class'].replace('_', '-')}, {t['auroc']:.2f})" for t in tr["best"])
+    co = tr["best_by_class"].get(CHAT_ONLY)
+    co_text = (f"the best chat-only tracker is latent {co['latent']} ({co['auroc']:.2f})" if co
+               else "no chat-only latent tracks it")
+    return (f"Latents that track {behaviour} best (AUROC of the prompt's largest activation, trigger prompts vs "
+            f"the rest): {best}; {co_text}. ")
 
 
 def _base_verdict(run: RunInputs, behaviour: str, word: str) -> dict | None:
     """The base-model part of :func:`behaviour_verdict`; ``word`` names the behaviour's opening word."""
     if not run.steering or not run.steering.get("has_ground_truth"):
         return None
-    eff = refusal_effects(run.steering, behaviour, "base")
+    eff = behaviour_effects(run.steering, behaviour, "base")
     if eff.empty:
         return None
     co = eff[eff["class"] == CHAT_ONLY]
@@ -116,10 +138,10 @@ def _base_verdict(run: RunInputs, behaviour: str, word: str) -> dict | None:
 def _chat_evidence(run: RunInputs, behaviour: str, word: str) -> str:
     """A sentence on what steering chat-only latents does in the chat model (which already shows the
     behaviour on its triggers): the largest rise of the behaviour, or of its onset, on the other prompts."""
-    eff = refusal_effects(run.steering, behaviour, "chat")
+    eff = behaviour_effects(run.steering, behaviour, "chat")
     co = eff[eff["class"] == CHAT_ONLY] if len(eff) else eff
     if co.empty:
-        return ""
+        return _other_classes(eff, behaviour, "chat", word)
     for col, rate, what in (("other_rise", "other_rate", f"the whole {behaviour}"),
                             ("onset_other_rise", "onset_other_rate", f"answers opening with {word}")):
         up = raising_runs(co, col)
@@ -128,22 +150,61 @@ def _chat_evidence(run: RunInputs, behaviour: str, word: str) -> str:
             return (f" In the chat model, chat-only latent {int(b['latent'])}{_nu_note(run, int(b['latent']))} at "
                     f"a = {b['alpha']:g} raises {what} on prompts that do not trigger it from "
                     f"{pct(b[rate + '_unsteered'])} to {pct(b[rate])} ({_count(up['latent'].nunique(), 'chat-only latent')} "
-                    f"of those tried raise{'s' if up['latent'].nunique() == 1 else ''} it at some a).")
-    return f" In the chat model, no chat-only latent tried raised the {behaviour} or its onset on other prompts."
+                    f"of those tried raise{'s' if up['latent'].nunique() == 1 else ''} it at some a)."
+                    + _other_classes(eff, behaviour, "chat", word))
+    return (f" In the chat model, no chat-only latent tried raised the {behaviour} or its onset on other prompts."
+            + _other_classes(eff, behaviour, "chat", word))
 
 
-def behaviour_verdict(run: RunInputs, behaviour: str = "refusal", ground_truth: dict | None = None) -> dict | None:
-    """Whether steering a chat-only latent makes the base model show ``behaviour`` on its trigger prompts:
-    the full behaviour (``found = "full"``), else its onset, answers that open with its first word
-    (``found = "onset"``), else neither (``found = False``); the text adds what the same latents do in
-    the chat model on the prompts that do not trigger the behaviour. Returns ``{"found", "best" (the base
-    run with the largest rise; None when nothing rose), "tried": {latents, alphas, n_trigger}, "text"}``;
-    None without steering results with a ground truth."""
-    word = _onset_label(behaviour, ground_truth)
+def _other_classes(eff: pd.DataFrame, behaviour: str, model: str, word: str) -> str:
+    """A sentence on the steered latents of the other classes (the best trackers among them): the largest
+    rise of the behaviour (else its onset) they bring about in ``model``; empty when none was steered."""
+    rest = eff[eff["class"] != CHAT_ONLY] if len(eff) else eff
+    if rest.empty:
+        return ""
+    where = "on its trigger prompts" if model == "base" else "on prompts that do not trigger it"
+    side = "" if model == "base" else "other_"
+    rate = "trigger_rate" if model == "base" else "other_rate"
+    for col, r, what in ((f"{side}rise", rate, behaviour), (f"onset_{side}rise", f"onset_{rate}", f"answers opening with {word}")):
+        up = raising_runs(rest, col)
+        if len(up):
+            b = up.iloc[0].to_dict()
+            return (f" Of the other latents steered, {str(b['class']).replace('_', '-')} latent {int(b['latent'])} at "
+                    f"a = {b['alpha']:g} raises {what} in the {model} model {where} from {pct(b[r + '_unsteered'])} to "
+                    f"{pct(b[r])}.")
+    n = rest["latent"].nunique()
+    return f" None of the {_count(n, 'other latent')} steered ({', '.join(sorted(set(map(str, rest['class']))))}) raised it in the {model} model either."
+
+
+def behaviour_verdict(run: RunInputs, behaviour: str, behaviours: Any = None) -> dict | None:
+    """For one behaviour: which latents track it (AUROC over all live latents, every class), and whether
+    steering a chat-only latent makes the base model show it on its trigger prompts: the full behaviour
+    (``found = "full"``), else its onset, answers that open with its first word (``found = "onset"``), else
+    neither (``found = False``); the text adds what the other classes' steered latents (the best trackers)
+    do, and what the same latents do in the chat model on the prompts that do not trigger it.
+    ``behaviours``: the spec (for the onset word; default the steering result's record). Returns
+    ``{"behaviour", "found", "best" (the base run with the largest rise; None when nothing rose), "tried":
+    {latents, alphas, n_trigger}, "tracking", "text"}``; None without steering results with behaviour rates."""
+    word = _onset_label(behaviour, behaviours or (run.steering or {}).get("behaviours"))
     v = _base_verdict(run, behaviour, word)
-    if v is not None:
-        v["text"] += _chat_evidence(run, behaviour, word)
-    return v
+    if v is None:
+        return None
+    tr = _tracking(run, behaviour)
+    eff = behaviour_effects(run.steering, behaviour, "base")
+    v["text"] = (_tracking_text(tr, behaviour) + v["text"] + _other_classes(eff, behaviour, "base", word)
+                 + _chat_evidence(run, behaviour, word))
+    return {"behaviour": behaviour, **v, "tracking": tr}
+
+
+def behaviour_verdicts(run: RunInputs, behaviours: Any = None) -> dict[str, dict]:
+    """:func:`behaviour_verdict` for every behaviour of the spec (default: those the steering measured)."""
+    names = [b.name for b in rules(behaviours)] if behaviours else behaviour_names(run.steering or {})
+    out = {}
+    for name in names:
+        v = behaviour_verdict(run, name, behaviours)
+        if v is not None:
+            out[name] = v
+    return out
 
 
 def _nu_note(run: RunInputs, latent: int) -> str:
@@ -175,8 +236,10 @@ def pct(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * float(v):.0f}%"
 
 
-def report_numbers(runs: Sequence[RunInputs], ground_truth: dict | None = None) -> dict:
-    """The report's numbers (``report.json``; flat keys suit ``dvc metrics show``)."""
+def report_numbers(runs: Sequence[RunInputs], behaviours: Any = None, rates: dict | None = None) -> dict:
+    """The report's numbers (``report.json``; flat keys suit ``dvc metrics show``). ``behaviours``: the spec
+    (default: what each run's steering measured); ``rates``: rates measured when the pair was built (the toy
+    pair's), kept as ``behaviour_rates``."""
     out: dict[str, Any] = {"runs": {}}
     for r in runs:
         s = r.summary
@@ -193,10 +256,16 @@ def report_numbers(runs: Sequence[RunInputs], ground_truth: dict | None = None) 
         if len(t):
             d["kl_gap_closed"] = {row["set"]: {c: num(row[f"gap_{c}"]) for c in CATEGORIES} for _, row in t.iterrows()}
             d["kl"] = {row["set"]: {c: num(row[f"kl_{c}"]) for c in CATEGORIES} for _, row in t.iterrows()}
-        v = behaviour_verdict(r, ground_truth=ground_truth)
-        if v is not None:
-            d["refusal_steering"] = v
+        v = behaviour_verdicts(r, behaviours)
+        if v:
+            d["behaviours"] = v
+        d["what_changed"] = json_safe(what_changed(r))  # the run's overall verdict (apart from the behaviours')
+        if s.get("scales"):
+            d["scales"] = s["scales"]
+        if r.steering and r.steering.get("has_ground_truth"):
+            d["behaviour_rates_unsteered"] = {m: (b.get("rates") or {}).get("rates")
+                                              for m, b in r.steering.get("baseline", {}).items()}
         out["runs"][r.name] = d
-    if ground_truth is not None:
-        out["ground_truth_rates"] = ground_truth.get("rates")
+    if rates is not None:
+        out["behaviour_rates"] = rates
     return out

@@ -3,9 +3,9 @@ side, written with its figures as PNG, the numbers as JSON and the KL-gap record
 
 The page needs no network: plots are inlined as base64 PNG, styles and the small table search/sort
 script are inline. Sections: overview, class counts, Δnorm histograms, ν scatter, the KL-gap table and
-bars, decoupling pairs, planted behaviours (for a pair with a ground truth: which latents track them and
-whether steering a chat-specific latent raises the planted refusal rate in the base model), and the latent
-cards (a searchable, sortable table with expandable contexts).
+bars, decoupling pairs, behaviours (for a pair with a behaviour spec, the toy pair's ground truth included: per
+behaviour its unsteered rates, which latents of every class track it, and whether steering them raises it in the
+base and chat models), and the latent cards (a searchable, sortable table with expandable contexts).
 """
 
 from __future__ import annotations
@@ -18,19 +18,21 @@ import math
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jinja2
 import numpy as np
 import pandas as pd
 
+from ..behaviours import BehaviourSpec, load_behaviours, rules
 from ..decoder_norms import CLASSES
 from ..errors import CrossdiffError
 from ..fileio import atomic_write
 from ..kl_eval import CATEGORIES
-from ..steering import refusal_effects
-from .figures import plot_all, plot_class_counts, plot_kl_gap
+from ..steering import behaviour_effects, behaviour_names, rank_trackers, tracking_summary
+from .figures import plot_all, plot_class_counts, plot_dead_history, plot_kl_gap
 from .inputs import RunInputs
+from .layers import layer_sweep
 from .numbers import fmt, kl_table, num, pct, report_numbers
 
 TITLE = "crossdiff report"  # the page title unless one is given
@@ -77,18 +79,22 @@ def _card_rows(run: RunInputs) -> list[dict]:
     rows = []
     for c in run.cards["cards"]:
         steer = c.get("steering") or []
-        best = None
+        best = None  # (a, rate, behaviour): the base run showing a behaviour on its triggers most
         for s in steer:
-            rr = ((s.get("rates") or {}).get("rates") or {}).get("refusal")
-            if s["model"] == "base" and rr and (best is None or (rr["trigger_rate"] or 0) > best[1]):
-                best = (s["alpha"], rr["trigger_rate"] or 0)
+            for b, rr in (((s.get("rates") or {}).get("rates")) or {}).items():
+                if s["model"] == "base" and rr and (best is None or (rr["trigger_rate"] or 0) > best[1]):
+                    best = (s["alpha"], rr["trigger_rate"] or 0, b)
+        aurocs = {k[len("auroc_"):]: v for k, v in (c.get("tracking") or {}).items()
+                  if k.startswith("auroc_") and v is not None}
+        top = max(aurocs.items(), key=lambda kv: kv[1]) if aurocs else None
         text = " ".join("".join(ctx["tokens"]) for ctx in c["contexts"])
         rows.append({
             "run": run.name, "latent": c["latent"], "class": c.get("class"), "delta_norm": c.get("delta_norm"),
             "nu_error": c.get("nu_error"), "nu_recon": c.get("nu_recon"), "nu_rank": c.get("nu_rank"),
             "freq": c.get("freq"), "max_act": c.get("max_act"), "template_share": c.get("template_share"),
-            "auroc_refusal": (c.get("tracking") or {}).get("auroc_refusal"),
-            "base_refusal": best[1] if best else None, "base_refusal_alpha": best[0] if best else None,
+            "auroc_best": top[1] if top else None, "auroc_behaviour": top[0] if top else None,
+            "base_rate": best[1] if best else None, "base_rate_alpha": best[0] if best else None,
+            "base_rate_behaviour": best[2] if best else None,
             "hist": _hist_svg(c["hist"]["counts"], c["hist"]["edges"]),
             "contexts": [{"act": ctx["act"], "source": ctx["source"], "html": _context_html(ctx)} for ctx in c["contexts"]],
             "steering": [{"model": s["model"], "alpha": s["alpha"], "kl_mean": s["kl_mean"], "kl_last": s["kl_last"],
@@ -111,27 +117,71 @@ def _overview(r: RunInputs) -> dict:
             "pairs": s.get("decoupling", {}).get("n_pairs")}
 
 
-def _tracking_rows(r: RunInputs, ground_truth: dict, n: int = 5) -> list[dict]:
+def _tracking_rows(r: RunInputs, names: Sequence[str], n: int = 5) -> list[dict]:
+    """Per behaviour the ``n`` best trackers over all live latents, then the best of each other class."""
     if r.tracking is None:
         return []
-    t = r.tracking.merge(r.latents[["latent", "class", "nu_rank"]], on="latent", how="left")
     out = []
-    for b in ground_truth["behaviours"]:
-        col = f"auroc_{b['name']}"
-        if col not in t:
+    for name in names:
+        if f"auroc_{name}" not in r.tracking:
             continue
-        top = t.sort_values([col, "latent"], ascending=[False, True], na_position="last").head(n)
-        for _, row in top.iterrows():
-            out.append({"behaviour": b["name"], "latent": int(row["latent"]), "class": row["class"],
-                        "auroc": fmt(row[col]), "on": fmt(row[f"mean_act_{b['name']}"]),
-                        "off": fmt(row[f"mean_act_not_{b['name']}"]), "nu_rank": fmt(row["nu_rank"])})
+        ranked = rank_trackers(r.latents, r.tracking, name)
+        best = tracking_summary(r.latents, r.tracking, n)[name]
+        keep = [t["latent"] for t in best["best"]]
+        keep += [t["latent"] for t in best["best_by_class"].values() if t["latent"] not in keep]
+        for _, row in ranked.set_index("latent", drop=False).loc[keep].iterrows():
+            out.append({"behaviour": name, "latent": int(row["latent"]), "class": row["class"],
+                        "auroc": fmt(row["auroc"]), "on": fmt(row.get("mean_act")), "off": fmt(row.get("mean_act_not")),
+                        "nu_rank": fmt(row["nu_rank"])})
     return out
 
 
+def _behaviour_section(runs: Sequence[RunInputs], spec: Any, rates: dict | None, numbers: dict) -> dict | None:
+    """The page's behaviours section: per behaviour its rule and unsteered rates, per run the verdicts, the
+    steering effects (both models) and the trackers. None when no behaviour was measured."""
+    names = ([b.name for b in rules(spec)] if spec is not None
+             else list(dict.fromkeys(n for r in runs for n in behaviour_names(r.steering or {}))))
+    if not names:
+        return None
+    rule = {b.name: b for b in rules(spec)} if spec is not None else {
+        b["name"]: b for r in runs for b in rules((r.steering or {}).get("behaviours") or [])}
+    baseline = next(((r.steering or {}).get("baseline") for r in runs if (r.steering or {}).get("has_ground_truth")), {})
+
+    def unsteered(model: str, name: str, key: str) -> str:
+        return pct((((baseline.get(model) or {}).get("rates") or {}).get("rates") or {}).get(name, {}).get(key))
+
+    brs = []
+    for name in names:
+        b = rule.get(name)
+        built = {m: pct((rates or {}).get(m, {}).get("rates", {}).get(name, {}).get("trigger_rate")) for m in ("chat", "base")}
+        brs.append({"name": name, "rule": f"{b.kind}: {b.answer}" if b else "", "onset": (b.onset or "") if b else "",
+                    "chat_trigger": unsteered("chat", name, "trigger_rate"), "chat_other": unsteered("chat", name, "other_rate"),
+                    "base_trigger": unsteered("base", name, "trigger_rate"), "base_other": unsteered("base", name, "other_rate"),
+                    "built_chat": built["chat"] if rates else "", "built_base": built["base"] if rates else ""})
+    bruns = []
+    for r in runs:
+        verdicts = numbers["runs"][r.name].get("behaviours", {})
+        per = []
+        for name in names:
+            effs = []
+            for model in ("base", "chat"):
+                eff = behaviour_effects(r.steering, name, model) if r.steering else pd.DataFrame()
+                if len(eff):
+                    effs += [{"model": model, **{k: (pct(v) if "rate" in k else fmt(v)) for k, v in e.items()}}
+                             for e in eff.sort_values(["rise", "latent"], ascending=[False, True]).to_dict("records")]
+            per.append({"name": name, "verdict": verdicts.get(name), "effects": effs})
+        bruns.append({"name": r.name, "behaviours": per, "tracking": _tracking_rows(r, names)})
+    return {"rates": brs, "runs": bruns, "has_built": bool(rates)}
+
+
 def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title: str = TITLE,
-                 subtitle: str = "", ground_truth: dict | None = None) -> dict[str, Path]:
+                 subtitle: str = "", behaviours: Any = None, locate: Any = None) -> dict[str, Path]:
     """Write ``report.html`` (self-contained), ``figures/*.png``, ``report.json`` (numbers) and
-    ``kl_gap.json`` (one record per crosscoder, set and token group: DVC plots) into ``out_dir``."""
+    ``kl_gap.json`` (one record per crosscoder, set and token group: DVC plots) into ``out_dir``.
+    ``behaviours``: the behaviour spec (a :class:`~crossdiff_core.behaviours.BehaviourSpec`, a path
+    :func:`~crossdiff_core.behaviours.load_behaviours` reads, or a ground-truth dict); default: the
+    behaviours each run's steering measured. ``locate``: a ``crossdiff locate`` JSON (path or dict): the
+    layer-sweep section (:mod:`.layers`) and ``layer_sweep`` in report.json."""
     if not runs:
         raise CrossdiffError("no crosscoders to report on: pass at least one --latents NAME=PATH")
     names = [r.name for r in runs]
@@ -143,6 +193,8 @@ def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title
     figs: dict[str, str | None] = {"class_counts": _b64(plot_class_counts(runs, figdir / "class_counts.png"))}
     kl_png = plot_kl_gap(runs, figdir / "kl_gap.png")
     figs["kl_gap"] = _b64(kl_png) if kl_png else None
+    dead_png = plot_dead_history(runs, figdir / "dead_history.png")
+    figs["dead_history"] = _b64(dead_png) if dead_png else None
     per_run = []
     for r in runs:
         slug = "".join(ch if ch.isalnum() else "_" for ch in r.name)
@@ -160,28 +212,21 @@ def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title
             kl_tokens += f"; {r.kl.get('n_sequences')} conversations"
         per_run.append({"name": r.name, "delta_norm": _b64(dn), "nu_scatter": _b64(nu), "beta": _b64(beta),
                         "kl_rows": kl_rows, "kl_tokens": kl_tokens, "pairs": pairs, "pairs_n": dec.get("n_pairs", 0)})
-    behaviours = None
-    numbers = report_numbers(runs, ground_truth)
-    if ground_truth is not None:
-        rates = ground_truth.get("rates", {})
-        brs = [{"name": b["name"],
-                "chat": pct(rates.get("chat", {}).get("rates", {}).get(b["name"], {}).get("trigger_rate")),
-                "base": pct(rates.get("base", {}).get("rates", {}).get(b["name"], {}).get("trigger_rate"))}
-               for b in ground_truth["behaviours"]]
-        bruns = []
-        for r in runs:
-            eff = refusal_effects(r.steering, "refusal", "base") if r.steering else pd.DataFrame()
-            bruns.append({"name": r.name, "verdict": numbers["runs"][r.name].get("refusal_steering"),
-                          "effects": [{k: (pct(v) if "rate" in k else fmt(v)) for k, v in e.items()}
-                                      for e in eff.sort_values(["rise", "latent"], ascending=[False, True]).to_dict("records")]
-                          if len(eff) else [],
-                          "tracking": _tracking_rows(r, ground_truth)})
-        behaviours = {"rates": brs, "runs": bruns}
+    if isinstance(behaviours, (str, os.PathLike)):
+        behaviours = load_behaviours(behaviours)
+    rates = (behaviours.rates if isinstance(behaviours, BehaviourSpec)
+             else behaviours.get("rates") if isinstance(behaviours, dict) else None)
+    numbers = report_numbers(runs, behaviours, rates)
+    sweep = layer_sweep(locate, runs, figdir)  # the layer sweep (`crossdiff locate`): its own section
+    if sweep is not None:
+        numbers["layer_sweep"] = sweep["numbers"]
+        sweep = {"png": _b64(sweep["png"]), "sentence": sweep["sentence"], "rule": sweep["numbers"]["rule"]}
+    behaviours = _behaviour_section(runs, behaviours, rates, numbers)
     cards = [c for r in runs for c in _card_rows(r)]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = env.from_string(_template()).render(
         title=title, subtitle=subtitle or " vs ".join(names), classes=CLASSES, categories=CATEGORIES,
-        overview=[_overview(r) for r in runs], figs=figs, per_run=per_run, behaviours=behaviours, cards=cards,
+        overview=[_overview(r) for r in runs], changed=[_changed(r, numbers) for r in runs], figs=figs, per_run=per_run, behaviours=behaviours, cards=cards, sweep=sweep,
         f=fmt, pct=pct, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         inputs="; ".join(f"{r.name}: " + ", ".join(f"{k}={v}" for k, v in r.paths.items()) for r in runs))
     paths = {"html": out / "report.html", "json": out / "report.json", "kl_plot": out / "kl_gap.json"}
@@ -193,6 +238,13 @@ def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title
     atomic_write(paths["kl_plot"], lambda p: Path(p).write_text(json.dumps(records, indent=1, allow_nan=False) + "\n"))
     paths["figures"] = figdir
     return paths
+
+
+def _changed(r: RunInputs, numbers: dict, n_shown: int = 10) -> dict:
+    """The "What changed" entry of one run: its verdict (:func:`~.verdict.what_changed`), scales and top latents."""
+    w = numbers["runs"][r.name]["what_changed"]
+    return {"name": r.name, "text": w["text"], "scales": r.summary.get("scales"), "top": w["top_chat"]["latents"][:n_shown],
+            "n": w["top_chat"]["n"], "rule": w["top_chat"]["rule"]}
 
 
 def _gap_text(row: dict, c: str) -> str:
