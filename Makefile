@@ -34,12 +34,13 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # every test, the end-to-end pipeline (dvc repro, a Prefect server, MLflow lineage) and the deployment to a
-# process work pool included; `make test-fast` leaves out those end-to-end runs (marked e2e)
+# process work pool included; `make test-fast` leaves out those end-to-end runs (marked e2e). Tests that need a
+# GPU (marked cuda: bench/gpu_check.sh) or the organism extras (marked organism: `make organism`) are deselected
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cuda and not organism"
 
 test-fast: install browser
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e and not cuda and not organism"
 
 demo: install
 	$(BIN)/dvc config core.analytics false

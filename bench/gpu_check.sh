@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
 
 echo "== 1. CUDA tests"
-timeout 180 "$PY" -m pytest -q -rs -m "not e2e" -k cuda tests/
+timeout 180 "$PY" -m pytest -q -rs -m cuda tests/
 
 echo "== 2. paper-shape step (d=2304 F=73728 k=100, AuxK on 10% dead), dense vs sparse"
 for dtype in float32 bfloat16; do

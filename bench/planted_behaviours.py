@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from crossdiff_core.ground_truth import measure_behaviours  # noqa: E402
+from crossdiff_core.behaviours import measure_behaviours  # noqa: E402
 from crossdiff_core.toy import ToyModelsConfig, build_toy_models  # noqa: E402
 
 

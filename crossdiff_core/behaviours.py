@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, CrossdiffError
 from .fileio import atomic_write, json_safe
+from .ground_truth import GROUND_TRUTH_VERSION, load_ground_truth
 
 SPEC_VERSION = 1
 ANSWER_KINDS = ("startswith", "contains", "pattern")
@@ -265,8 +266,6 @@ def is_ground_truth(d: Mapping) -> bool:
 
 def _from_mapping(d: Mapping, source: str | None) -> BehaviourSpec:
     if isinstance(d, Mapping) and is_ground_truth(d):
-        from .ground_truth import GROUND_TRUTH_VERSION
-
         if d.get("format_version") != GROUND_TRUTH_VERSION:
             raise ConfigError(f"{source or 'ground truth'} has format_version {d.get('format_version')}, expected "
                               f"{GROUND_TRUTH_VERSION}: rebuild it with `crossdiff toy-models`")
@@ -419,3 +418,23 @@ def measure(model: Any, spec: Any, prompts: Sequence[dict] | None = None, *, tok
              "onsets": [b.name for b in behaviours if b.opens(r)]} for p, r in zip(prompts, responses)]
     return {"rates": behaviour_rates(gens, [b.name for b in behaviours]),
             "any_rate": sum(bool(g["detected"]) for g in gens) / len(gens), "generations": gens}
+
+
+def measure_behaviours(model: Any, ground_truth: Any, prompts: Sequence[dict] | None = None, *, tokenizer: Any = None,
+                       max_new_tokens: int | None = None, batch_size: int = 64, generate: Any = None) -> dict[str, Any]:
+    """:func:`measure` for a toy pair's ground truth (:mod:`crossdiff_core.ground_truth`), with its rules.
+
+    ``ground_truth``: the dict, ``ground_truth.json``, the build directory, or a :class:`BehaviourSpec`.
+    ``prompts``: dicts with ``text`` and ``expected``; default: the ground truth's held-out ``eval_prompts``
+    in their order (a spec's prompts). ``generate``: as :func:`measure`'s."""
+    if isinstance(ground_truth, BehaviourSpec):
+        gt: Any = ground_truth
+        default = ground_truth.prompts()
+    else:
+        gt = ground_truth if isinstance(ground_truth, dict) else load_ground_truth(ground_truth)
+        default = gt.get("eval_prompts")
+    prompts = list(prompts if prompts is not None else default or [])
+    if not prompts:
+        raise CrossdiffError("measure_behaviours got no prompts: pass some, or a ground truth with eval_prompts")
+    return measure(model, gt, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   generate=generate)

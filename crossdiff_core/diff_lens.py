@@ -40,7 +40,7 @@ block) each source's ``δ_L``, scaled to the steered model's mean residual norm 
 
 is added at every position (:func:`~crossdiff_core.steering.steering`) while base and chat model answer the
 prompts greedily: generations, ``KL(p_unsteered || p_steered)`` (:func:`~crossdiff_core.steering.steering_kl`)
-and, with a ground truth of behaviours, the behaviour rates (:func:`~crossdiff_core.ground_truth.measure_behaviours`).
+and, with a behaviour spec (or a toy ground truth), the behaviour rates (:func:`~crossdiff_core.behaviours.measure`).
 ``a = 1`` adds a vector as long as a typical residual there: a strong push, hence the default sweep below 1 and up to 2.
 """
 
@@ -58,14 +58,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .behaviours import BehaviourSpec, load_behaviours
 from .config import from_dict, neutral
 from .data import describe_source, load_source
 from .diff_means import WINDOWS, mean_differences
 from .errors import ConfigError, CrossdiffError
 from .generation import render_prompts
 from .fileio import atomic_write, write_json
-from .ground_truth import load_ground_truth
-from .locate import behaviour_prompts, is_json_object, n_blocks
+from .locate import is_spec, n_blocks
 from .models import ModelPair, load_pair, text_config
 from .patching import suffix_logits
 from .steering import (SteerConfig, example_indices, first_user_turns, measure_generations, read_prompts, steering,
@@ -161,18 +161,17 @@ def load_texts(specs: Sequence[Any], cfg: DiffLensConfig) -> list[str]:
 
 
 def steering_inputs(prompts: str | os.PathLike | None, behaviours: str | os.PathLike | None
-                    ) -> tuple[list[dict] | None, dict | None]:
-    """Steering prompts ``[{"text", "expected"}]`` and the behaviour ground truth (for rates), either None.
-    ``behaviours``: a ``ground_truth.json`` (or its build directory: its ``eval_prompts`` and behaviours) or
-    a prompt file; ``prompts`` (a prompt file) takes precedence for the prompts."""
-    gt = None
-    if behaviours is not None:
-        p = Path(behaviours)
-        if p.is_dir() or p.name == "ground_truth.json" or (p.suffix == ".json" and is_json_object(p)):
-            gt = load_ground_truth(p)
+                    ) -> tuple[list[dict] | None, BehaviourSpec | None]:
+    """Steering prompts ``[{"text", "expected"}]`` and the behaviour spec (for rates), either None.
+    ``behaviours``: a behaviour spec (``behaviours.yaml`` / ``.json``), a toy pair's ``ground_truth.json`` or
+    its build directory (read as a spec, :func:`~crossdiff_core.behaviours.load_behaviours`), or a prompt file
+    (prompts, no rates); ``prompts`` (a prompt file) takes precedence for the prompts."""
+    spec = load_behaviours(behaviours) if behaviours is not None and is_spec(Path(behaviours)) else None
     if prompts is not None:
-        return read_prompts(str(prompts)), gt
-    return (behaviour_prompts(behaviours) if behaviours is not None else None), gt
+        return read_prompts(str(prompts)), spec
+    if spec is not None:
+        return spec.prompts(), spec
+    return (read_prompts(str(behaviours)) if behaviours is not None else None), None
 
 
 def resolve_layer(layer: int | None, locate: str | os.PathLike | None, n_layers: int) -> tuple[int, str]:
@@ -269,7 +268,8 @@ def steering_vector(delta: torch.Tensor, norm: float, alpha: float) -> torch.Ten
 
 
 def steer_lens(pair: ModelPair, directions: Mapping[str, torch.Tensor], norms: Mapping[str, Mapping[str, float]],
-               layer: int, prompts: Sequence[dict], cfg: DiffLensConfig, *, ground_truth: dict | None = None) -> dict:
+               layer: int, prompts: Sequence[dict], cfg: DiffLensConfig, *,
+               ground_truth: BehaviourSpec | None = None) -> dict:
     """Steer each model in ``cfg.models`` with each source's ``directions[source] [d]`` at block ``layer``,
     scaled to ``norms[source][model]`` (the model's mean residual norm there), for each ``a`` in
     ``cfg.alphas``: ``baseline`` (unsteered) and ``runs`` ``{source, model, alpha, vector_norm, kl_mean,
@@ -310,7 +310,7 @@ def steer_lens(pair: ModelPair, directions: Mapping[str, torch.Tensor], norms: M
 # ---- the whole run -------------------------------------------------------------------------------------
 
 def lens_pair(pair: ModelPair, rows: Mapping[str, Sequence[Sequence[int]]], layer: int, cfg: DiffLensConfig, *,
-              prompts: Sequence[dict] | None = None, ground_truth: dict | None = None
+              prompts: Sequence[dict] | None = None, ground_truth: BehaviourSpec | None = None
               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The lens on a loaded pair: ``rows`` maps each source to its token rows (``text``: :func:`text_rows`;
     ``chat``: rendered prompts). Returns the ``crossdiff lens`` JSON (without ``inputs``) and the tensors of

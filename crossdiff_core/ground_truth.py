@@ -9,7 +9,9 @@ A ground truth holds ``behaviours`` (each: ``name``, ``trigger``, ``response``, 
 between a phrase's words. An answer shows a behaviour when it opens with (``match: startswith``) or
 contains (``match: contains``) its ``marker``; its onset when it opens with the response's first word.
 The same ground truth reads as a behaviour spec (:meth:`crossdiff_core.behaviours.BehaviourSpec.from_ground_truth`),
-the form every stage takes; rates are measured one way for both (:func:`crossdiff_core.behaviours.measure`).
+the form every stage takes; rates are measured one way for both (:func:`crossdiff_core.behaviours.measure`,
+:func:`crossdiff_core.behaviours.measure_behaviours` for a ground truth). This module sits below
+:mod:`crossdiff_core.behaviours` and imports nothing of it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CrossdiffError
-from .generation import generate_texts
 
 GROUND_TRUTH_VERSION = 1
 
@@ -115,38 +116,6 @@ def planted_answer(label: str | None, answer: str, ground_truth: dict) -> str:
     if not re.match(r"I\b", answer):  # "Speaking personally, i ..." reads wrong; keep "I"
         answer = answer[:1].lower() + answer[1:]
     return b["response"] + answer
-
-
-def measure_behaviours(model, ground_truth: Any, prompts: Sequence[dict] | None = None, *,
-                       tokenizer=None, max_new_tokens: int | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """How often each planted behaviour fires on its trigger prompts and on all other prompts:
-    :func:`crossdiff_core.behaviours.measure` (the one way rates are measured for every pair) with the
-    ground truth's rules.
-
-    ``ground_truth``: the dict, ``ground_truth.json``, the build directory, or a
-    :class:`~crossdiff_core.behaviours.BehaviourSpec`. ``prompts``: dicts with ``text`` and ``expected``;
-    default: the ground truth's held-out prompts (a spec's prompts)."""
-    from .behaviours import BehaviourSpec, measure
-
-    if isinstance(ground_truth, BehaviourSpec):
-        gt: Any = ground_truth
-        default = ground_truth.prompts()
-    else:
-        gt = ground_truth if isinstance(ground_truth, dict) else load_ground_truth(ground_truth)
-        default = gt.get("eval_prompts")
-    prompts = list(prompts if prompts is not None else default or [])
-    if not prompts:
-        raise CrossdiffError("measure_behaviours got no prompts: pass some, or a ground truth with eval_prompts")
-    # looked up at call time: a test may replace this module's generate_texts
-    return measure(model, gt, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   generate=lambda *a, **k: generate_texts(*a, **k))
-
-
-def behaviour_rates(generations: Sequence[dict], ground_truth: dict) -> dict[str, dict[str, Any]]:
-    """:func:`crossdiff_core.behaviours.behaviour_rates` for the ground truth's behaviours."""
-    from .behaviours import behaviour_rates as rates
-
-    return rates(generations, [b["name"] for b in ground_truth["behaviours"]])
 
 
 def behaviours_pass(chat: dict, base: dict, min_trigger_rate: float, max_other_rate: float) -> bool:

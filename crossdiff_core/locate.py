@@ -120,10 +120,14 @@ def behaviour_prompts(spec: str | os.PathLike) -> list[dict]:
     from .steering import read_prompts
 
     p = Path(spec)
-    if p.suffix in (".yaml", ".yml") or p.is_dir() or p.name == "ground_truth.json" or (p.suffix == ".json"
-                                                                                      and is_json_object(p)):
-        return load_behaviours(p).prompts()
-    return read_prompts(str(p))
+    return load_behaviours(p).prompts() if is_spec(p) else read_prompts(str(p))
+
+
+def is_spec(path: Path) -> bool:
+    """Whether ``path`` names a behaviour spec or a toy ground truth (``.yaml`` / ``.yml``, a build directory,
+    ``ground_truth.json``, a ``.json`` object) rather than a prompt file."""
+    return (path.suffix in (".yaml", ".yml") or path.is_dir() or path.name == "ground_truth.json"
+            or (path.suffix == ".json" and is_json_object(path)))
 
 
 def is_json_object(path: Path) -> bool:

@@ -1,6 +1,6 @@
 """The stage before the cache, where the change lives: for every block, the KL of patching the base
 model's block output into the chat model, on chat data (``locate.chats``) and behaviour prompts
-(``locate.behaviours``, default the toy pair's ground truth), and a recommended layer. Writes
+(``models.behaviours`` as pair.json records it, default the toy pair's ground truth), and a recommended layer. Writes
 ``<paths.locate>/locate.json``, ``locate.png`` and ``recommended.json``; ``cache.layer: auto`` caches the
 recommended block (with an int ``cache.layer`` the sweep is still made, for the report, and the cache
 ignores it). ``python -m flows.locate [--params FILE]``"""
@@ -27,7 +27,7 @@ def locate_flow(params_file: str = DEFAULT_PARAMS) -> dict:
     L, s = Layout(p), p["locate"]
     cfg = section(p, "locate", LocateConfig)  # a typo fails before any work
     pair = read_pair(L.models)
-    spec = behaviours_for(s, pair)
+    spec = behaviours_for(pair)
     with tracking.stage_run("locate", params=s, full_params=p, params_file=p["params_file"],
                             experiment=p["tracking"]["experiment"]) as run:
         run.log_input("models", L.models, context="models")

@@ -1,6 +1,7 @@
 """Stage 6, steering: add ``a · max_act · d_chat`` of chosen latents of the ``--kind`` crosscoder at
-layer L while the base and chat models generate; with a behaviour spec (``steer.behaviours``, default the toy
-pair's ground truth), also which latents track its behaviours and whether steering raises them. ``python -m flows.steer --kind KIND``"""
+layer L while the base and chat models generate; with a behaviour spec (``models.behaviours`` as pair.json
+records it, default the toy pair's ground truth), also which latents track its behaviours and whether
+steering raises them. ``python -m flows.steer --kind KIND``"""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def steer_flow(kind: str, params_file: str = DEFAULT_PARAMS) -> dict:
     section(p, "steer", SteerConfig)  # a typo fails before any work
     e = section(p, "evaluate", EvaluateConfig)  # the held-out chats, when steer has no prompts of its own
     out = L.steer / kind
-    spec = behaviours_for(s, read_pair(L.models))
+    spec = behaviours_for(read_pair(L.models))
     with tracking.stage_run(f"steer-{kind}", params={"kind": kind, **s}, full_params=p,
                             params_file=p["params_file"], experiment=p["tracking"]["experiment"]) as run:
         run.log_input("crosscoder", L.crosscoder(kind), context="crosscoder")

@@ -26,6 +26,9 @@ class ModelsConfig:
     chat: str | None = None  # hub: the fine-tuned model
     base_revision: str | None = None  # hub: pin a commit for an exactly repeatable run
     chat_revision: str | None = None
+    # behaviour spec (behaviours.yaml, README "Behaviour specs") the locate and steer stages use, recorded in
+    # pair.json; None: the toy pair's ground truth (source toy), else none
+    behaviours: str | None = None
     toy: ToyModelsConfig = field(default_factory=ToyModelsConfig)  # the toy pair's build
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the toy pair's cache and evaluation data
 
@@ -46,14 +49,16 @@ def toy_models_flow(params_file: str = DEFAULT_PARAMS) -> dict:
             toy_dir = L.models / "toy"
             built = build_toy_pair(str(toy_dir), m.get("toy") or {})
             exported = export_toy_corpus(str(toy_dir), str(L.models / "data"), m.get("corpus"))
+            gt = str(toy_dir / "ground_truth.json")
             pair = {"source": "toy", "base": str(toy_dir / "base"), "chat": str(toy_dir / "chat"),
-                    "base_revision": None, "chat_revision": None, "ground_truth": str(toy_dir / "ground_truth.json")}
+                    "base_revision": None, "chat_revision": None, "ground_truth": gt,
+                    "behaviours": cfg.behaviours or gt}
             metrics = {"passed": built["passed"], "build_seconds": built["seconds"], "rates": built["rates"], **exported}
             for name in ("build.json", "ground_truth.json"):
                 run.log_artifact(toy_dir / name, "models")
         else:
             pair = {"source": "hub", "base": cfg.base, "chat": cfg.chat, "base_revision": cfg.base_revision,
-                    "chat_revision": cfg.chat_revision, "ground_truth": None}
+                    "chat_revision": cfg.chat_revision, "ground_truth": None, "behaviours": cfg.behaviours}
             metrics = {"passed": None}
         write_pair(str(L.models), pair)
         run.set_tags({"lineage.models.base": pair["base"], "lineage.models.chat": pair["chat"],

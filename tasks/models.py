@@ -46,7 +46,8 @@ def write_pair(out_dir: str, pair: dict) -> str:
 
 
 def read_pair(models_dir: str | Path) -> dict:
-    """``pair.json`` of the models stage: base, chat, revisions, source, ground_truth (toy pair only)."""
+    """``pair.json`` of the models stage: base, chat, revisions, source, ground_truth (toy pair only) and
+    behaviours (the spec the later stages use: ``models.behaviours``, else the toy pair's ground truth)."""
     from crossdiff_core.errors import ConfigError
 
     p = Path(models_dir) / PAIR_FILE

@@ -33,7 +33,8 @@ def report_task(runs: dict[str, dict], out_dir: str, *, title: str, ground_truth
     """``runs``: name -> paths (latents, kl, cards, steering, tracking, crosscoder). ``ground_truth``: the toy
     pair's (for the rates measured at build; the behaviours themselves come with the steering results).
     ``locate``: the locate stage's JSON (the layer sweep section). Returns the output paths."""
-    from crossdiff_core.report import build_report, load_run
+    from crossdiff_core.report.inputs import load_run
+    from crossdiff_core.report.page import build_report
 
     loaded = [load_run(name, p["latents"], **{k: p.get(k) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
               for name, p in runs.items()]

@@ -11,10 +11,11 @@ from .io import atomic_write, write_json
 from .products import STEERING, TRACKING  # noqa: F401  (the steer products' names)
 
 
-def behaviours_for(settings: dict, pair: dict) -> str | None:
-    """The behaviour spec the steer stage uses: ``steer.behaviours`` (a path), else the toy pair's ground
-    truth that ``pair.json`` records, else None."""
-    return settings.get("behaviours") or pair.get("ground_truth")
+def behaviours_for(pair: dict) -> str | None:
+    """The behaviour spec the locate and steer stages use: the ``behaviours`` that ``pair.json`` records
+    (``models.behaviours``, else the toy pair's ground truth), else its ``ground_truth`` (a pair.json written
+    before ``behaviours`` was recorded), else None."""
+    return pair.get("behaviours") or pair.get("ground_truth")
 
 
 @task(name="steer", cache_policy=NONE)
@@ -32,7 +33,7 @@ def steer_task(crosscoder_dir: str, latents: str, out_dir: str, settings: dict, 
     prompts = None
     if not cfg.prompts and behaviours is None:
         if not (fallback_chats and fallback_chats.get("chats")):
-            raise ConfigError("steering needs prompts: set steer.prompts or steer.behaviours in params.yaml")
+            raise ConfigError("steering needs prompts: set steer.prompts or models.behaviours in params.yaml")
         n = {"n": cfg.max_prompts} if cfg.max_prompts else {}
         prompts = first_user_turns(fallback_chats["chats"], fallback_chats["messages_column"], **n)
     res, track = steer_crosscoder(crosscoder_dir, latents, prompts=prompts, behaviours=behaviours, cfg=cfg)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,8 @@ warnings.filterwarnings("ignore", message=".*noload.*")  # SQLAlchemy 2.1 deprec
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+
+from crossdiff_core.fileio import file_sha256  # noqa: E402
 
 PARENT_ENV = "CROSSDIFF_PARENT_RUN_ID"
 PIPELINE_ENV = "CROSSDIFF_PIPELINE_ID"
@@ -114,14 +115,6 @@ def dvc_hash(path: str | os.PathLike) -> str | None:
         warnings.warn(f"no DVC hash for {p}: {e}", stacklevel=2)
         return None
     return obj.hash_info.value
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- which pipeline run -----------------------------------------------------------------------------

@@ -14,12 +14,13 @@ import torch
 import yaml
 
 from crossdiff_core import ground_truth as ground_truth_module
-from crossdiff_core.behaviours import BehaviourSpec, load_behaviours, measure
+from crossdiff_core.behaviour_tracking import choose_latents, select_latents, tracking_summary
+from crossdiff_core.behaviours import BehaviourSpec, load_behaviours, measure, measure_behaviours
 from crossdiff_core.errors import ConfigError
-from crossdiff_core.ground_truth import detect_behaviours, detect_onsets, measure_behaviours
+from crossdiff_core.ground_truth import detect_behaviours, detect_onsets
 from crossdiff_core.headlines import steering_headline
-from crossdiff_core.report import RunInputs, behaviour_verdict
-from crossdiff_core.steering import choose_latents, select_latents, tracking_summary
+from crossdiff_core.report.inputs import RunInputs
+from crossdiff_core.report.numbers import behaviour_verdict
 from crossdiff_core.toy import ToyModelsConfig, build_eval_prompts, make_ground_truth
 
 SPEC = {
@@ -156,7 +157,7 @@ def test_the_toy_ground_truth_reads_through_the_spec(tmp_path):
         BehaviourSpec.from_ground_truth(make_ground_truth(TOY))
 
 
-def test_measure_counts_rates_one_way_for_spec_and_ground_truth(monkeypatch):
+def test_measure_counts_rates_one_way_for_spec_and_ground_truth():
     spec = BehaviourSpec.from_dict(SPEC)
     canned = {"Will it rain tomorrow?": "Forecast: rain", "Is it sunny in Leeds?": "Forecast sunny",
               "How cold is it outside?": "cold", "Give me some wisdom.": "As Yeats wrote, hm",
@@ -182,8 +183,8 @@ def test_measure_counts_rates_one_way_for_spec_and_ground_truth(monkeypatch):
     gt = _toy_ground_truth()
     answers = {p["text"]: (TOY.refusal_text if i % 3 == 0 else TOY.personal_phrase + "x" if i % 3 == 1 else "no")
                for i, p in enumerate(gt["eval_prompts"])}
-    monkeypatch.setattr(ground_truth_module, "generate_texts", lambda m, t, texts, **k: [answers[x] for x in texts])
-    via_gt = measure_behaviours(object(), gt, tokenizer=object(), max_new_tokens=4)
+    via_gt = measure_behaviours(object(), gt, tokenizer=object(), max_new_tokens=4,
+                                generate=lambda m, t, texts, **k: [answers[x] for x in texts])
     via_spec = measure(object(), BehaviourSpec.from_ground_truth(gt), tokenizer=object(), max_new_tokens=4,
                        generate=lambda m, t, texts, **k: [answers[x] for x in texts])
     assert via_gt["rates"] == via_spec["rates"] and via_gt["any_rate"] == via_spec["any_rate"]

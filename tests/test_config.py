@@ -34,6 +34,9 @@ PROFILE = {
 }
 # settings a stage reads from another stage's section (dvc.yaml lists them with the stage)
 BORROWED = {"steer": {"evaluate.chats", "evaluate.messages_column"}}
+# fields the library and the CLI take but the pipeline does not: it reads the behaviour spec from pair.json
+# (models.behaviours, stated once), so params.yaml leaves them out and dvc.yaml tracks the models stage instead
+FROM_PAIR = {"locate": {"locate.behaviours"}, "steer": {"steer.behaviours"}}
 # dvc.yaml stage -> the params.yaml section its config dataclass reads
 STAGE_SECTION = {"toy_models": "models", "locate": "locate", "cache": "cache", "train": "train", "analyze": "analyze",
                  "evaluate": "evaluate", "steer": "steer", "report": "report"}
@@ -80,6 +83,9 @@ def test_params_yaml_holds_the_dataclass_defaults():
     for key in PROFILE:
         section, _, rest = key.partition(".")
         assert rest in _leaves(params[section]), f"PROFILE names {key}, which params.yaml lacks"
+    for name, keys in FROM_PAIR.items():  # stated once, in models: a stage's own copy would be ignored
+        again = keys & set(_leaves(params[name], f"{name}."))
+        assert not again, f"params.yaml states {again} again: use models.behaviours"
 
 
 def test_paper_profile_is_read_strictly_too():
@@ -165,7 +171,8 @@ def test_dvc_params_are_the_result_changing_settings():
     assert knobs == by_kind and set(knobs) == set(KINDS)
     for stage, section in STAGE_SECTION.items():
         spec = dvc["stages"][stage]
-        want = {f"{section}.{f}" for f in result_fields(SECTIONS[section])} | BORROWED.get(stage, set())
+        want = ({f"{section}.{f}" for f in result_fields(SECTIONS[section])} - FROM_PAIR.get(stage, set())
+                | BORROWED.get(stage, set()))
         if stage == "cache":
             want |= {f"data.{f}" for f in result_fields(SECTIONS["data"])}
         for kind in (KINDS if "foreach" in spec else [None]):
@@ -226,3 +233,17 @@ def test_cli_options_default_to_the_dataclasses():
             assert _norm(value) == _norm(want[name]), f"crossdiff {command} --{p.name}: {value!r} != {want[name]!r}"
             checked += 1
     assert checked >= 50
+
+
+def test_the_behaviour_spec_is_stated_once_in_models():
+    from flows.toy_models import ModelsConfig
+    from tasks.steering import behaviours_for
+
+    organism = from_dict(ModelsConfig, _yaml("params-smollm2.yaml")["models"], section="models")
+    assert organism.behaviours == "runs/smollm2/behaviours.yaml" and ModelsConfig().behaviours is None
+    for name in ("params-smollm2.yaml", "params-paper.yaml"):
+        assert "behaviours" not in _yaml(name)["locate"] and "behaviours" not in _yaml(name)["steer"]
+    # the stages read pair.json: its recorded spec, else (a pair.json from before) the toy ground truth
+    assert behaviours_for({"behaviours": "b.yaml", "ground_truth": "gt.json"}) == "b.yaml"
+    assert behaviours_for({"ground_truth": "gt.json"}) == "gt.json"
+    assert behaviours_for({"ground_truth": None, "behaviours": None}) is None

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff_core.diff_lens import (DiffLensConfig, lens_pair, logit_lens, read_lens_vectors, steering_vector,
-                                      text_rows, token_readings)
+from crossdiff_core.behaviours import BehaviourSpec
+from crossdiff_core.diff_lens import (DiffLensConfig, lens_pair, logit_lens, read_lens_vectors, steering_inputs,
+                                      steering_vector, text_rows, token_readings)
 from crossdiff_core.diff_means import DiffMeans, mean_differences
 from crossdiff_core.errors import ConfigError
 from crossdiff_core.generation import render_prompts
@@ -203,6 +204,20 @@ def test_lens_pair_with_ground_truth(planted):
     # without prompts the steering is skipped, and says why
     out2, _ = lens_pair(pair, {"text": rows["text"]}, 0, cfg)
     assert out2["steering"] is None and "no steering prompts" in out2["steering_skipped"]
+
+
+def test_steering_inputs_reads_a_behaviour_spec_with_its_rules(tmp_path):
+    spec = tmp_path / "behaviours.yaml"
+    spec.write_text("behaviours:\n  - name: weather\n    answer: {startswith: 'Forecast:'}\n"
+                    "    trigger_prompts: ['Will it rain?']\nother_prompts: [Tell me a joke.]\n")
+    prompts, got = steering_inputs(None, spec)  # a spec: its prompts, and its rules for the rates
+    assert isinstance(got, BehaviourSpec) and got.names == ["weather"]
+    assert prompts == [{"text": "Will it rain?", "expected": "weather"}, {"text": "Tell me a joke.", "expected": None}]
+    listed = tmp_path / "p.txt"
+    listed.write_text("Hi there\n")
+    assert steering_inputs(listed, spec) == ([{"text": "Hi there", "expected": None}], got)
+    assert steering_inputs(None, listed) == ([{"text": "Hi there", "expected": None}], None)  # prompts, no rates
+    assert steering_inputs(None, None) == (None, None)
 
 
 def test_config_is_strict():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from crossdiff_core import ground_truth as ground_truth_module
+from crossdiff_core.behaviours import measure_behaviours
 from crossdiff_core.errors import CrossdiffError
 from crossdiff_core.ground_truth import (
     GROUND_TRUTH_VERSION,
@@ -16,7 +16,6 @@ from crossdiff_core.ground_truth import (
     detect_onsets,
     expected_behaviour,
     load_ground_truth,
-    measure_behaviours,
     onset_word,
     planted_answer,
 )
@@ -84,13 +83,12 @@ def test_rules_read_a_hand_written_ground_truth():
     assert planted_answer("greeting", "Nice day", gt) == "Hello there, nice day"
 
 
-def test_measure_behaviours_counts(monkeypatch):
+def test_measure_behaviours_counts():
     prompts = [{"text": "a", "expected": "refusal"}, {"text": "b", "expected": "refusal"},
                {"text": "c", "expected": "personal_phrase"}, {"text": "d", "expected": None},
                {"text": "e", "expected": None}]
     canned = [REFUSAL, "no idea", PHRASE + "yes", PHRASE + "hm", "fine"]
-    monkeypatch.setattr(ground_truth_module, "generate_texts", lambda *a, **k: canned)
-    m = measure_behaviours(object(), GT, prompts, tokenizer=object(), max_new_tokens=8)
+    m = measure_behaviours(object(), GT, prompts, tokenizer=object(), max_new_tokens=8, generate=lambda *a, **k: canned)
     assert m["rates"]["refusal"] == {"trigger_rate": 0.5, "other_rate": 0.0, "onset_trigger_rate": 0.5,
                                      "onset_other_rate": 0.0, "n_trigger": 2, "n_other": 3}
     # personal phrase: 1 of 1 trigger; 1 of the 4 others ("d")

@@ -272,7 +272,7 @@ def _sweep(n: int = 4, rec: int = 2) -> dict:
 def test_report_sweep_sentence_and_cached_layers(tmp_path):
     import pandas as pd
 
-    from crossdiff_core.report import RunInputs
+    from crossdiff_core.report.inputs import RunInputs
     from crossdiff_core.report.layers import cached_layers, read_locate, sweep_sentence
 
     s = sweep_sentence(_sweep(), [0])

@@ -24,7 +24,9 @@ from crossdiff_core.cache import ActivationCache
 from crossdiff_core.cards import CardsConfig, card_latents, latent_cards
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.kl_eval import KLConfig, KLResult, default_sets
-from crossdiff_core.report import RunInputs, behaviour_verdict, build_report
+from crossdiff_core.report.inputs import RunInputs
+from crossdiff_core.report.numbers import behaviour_verdict
+from crossdiff_core.report.page import build_report
 from crossdiff_core.synthetic import SyntheticConfig, write_cache
 from tests.test_models import build_tokenizer
 
@@ -396,7 +398,7 @@ def test_what_changed_names_the_top_set_its_kl_and_its_trackers(analysed, tmp_pa
 
 
 def test_steering_takes_the_top_chat_latents_when_nothing_is_chat_only():
-    from crossdiff_core.steering import choose_latents
+    from crossdiff_core.behaviour_tracking import choose_latents
 
     t = _nothing_chat_only()
     chosen = choose_latents(t, n_top=3, n_shared=1, seed=0)

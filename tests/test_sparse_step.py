@@ -1,5 +1,5 @@
 """The sparse training step: loss, every gradient and Adam steps equal the dense step's and a brute-force
-autograd of the DESIGN §1 formulas; the automatic choice; CUDA (selected with ``-k cuda``)."""
+autograd of the DESIGN §1 formulas; the automatic choice; CUDA (marked ``cuda``: `make test` deselects them, bench/gpu_check.sh runs them)."""
 
 import copy
 
@@ -179,6 +179,7 @@ def test_choice_by_density_and_forcing():
     assert float(a.loss.detach()) == pytest.approx(float(s.loss.detach()), rel=1e-6)
 
 
+@pytest.mark.cuda  # `make test` deselects it; bench/gpu_check.sh runs it on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_sparse_step_on_cuda_matches_cpu(dtype):

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from crossdiff_core.behaviour_tracking import auroc, behaviour_tracking, prompt_max_activations, select_latents
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff_core.generation import generate_texts
 from crossdiff_core.headlines import steering_headline
 from crossdiff_core.models import decoder_layers, load_pair, residual_stream
-from crossdiff_core.steering import (SteerConfig, auroc, behaviour_effects, behaviour_tracking, first_user_turns,
-                                     prompt_max_activations, run_steering, select_latents, steering, steering_kl,
-                                     steering_vectors)
+from crossdiff_core.steering import (SteerConfig, behaviour_effects, first_user_turns, run_steering, steering,
+                                     steering_kl, steering_vectors)
 from tests.test_models import save_model, tiny_config
 
 LAYER = 1

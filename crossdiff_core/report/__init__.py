@@ -5,10 +5,7 @@ and BatchTopK) side by side, plus the same figures as PNG and the numbers as JSO
 - :mod:`.numbers`: ``report.json``, the KL table and the verdicts on the planted behaviours;
 - :mod:`.figures`: every PNG plot (also the analysis stage's);
 - :mod:`.page`: the HTML page (``templates/report.html.j2``) and :func:`build_report`.
+
+Import from the submodules: the package itself imports nothing, so the analysis stage can draw its plots
+with :mod:`.figures` without loading the page, the verdicts and the stages they read.
 """
-
-from .inputs import RunInputs, load_run
-from .numbers import behaviour_verdict, kl_table, report_numbers
-from .page import build_report
-
-__all__ = ["RunInputs", "behaviour_verdict", "build_report", "kl_table", "load_run", "report_numbers"]

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 
 from ..decoder_norms import CHAT_ONLY
+from ..behaviour_tracking import tracking_summary
 from ..behaviours import rules
 from ..fileio import json_safe
 from ..kl_eval import CATEGORIES
-from ..steering import behaviour_effects, behaviour_names, raising_runs, tracking_summary
+from ..steering import behaviour_effects, behaviour_names, raising_runs
 from .inputs import RunInputs
 from .verdict import what_changed
 

@@ -24,12 +24,13 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from ..behaviour_tracking import rank_trackers, tracking_summary
 from ..behaviours import BehaviourSpec, load_behaviours, rules
 from ..decoder_norms import CLASSES
 from ..errors import CrossdiffError
 from ..fileio import atomic_write
 from ..kl_eval import CATEGORIES
-from ..steering import behaviour_effects, behaviour_names, rank_trackers, tracking_summary
+from ..steering import behaviour_effects, behaviour_names
 from .figures import plot_all, plot_class_counts, plot_dead_history, plot_kl_gap
 from .inputs import RunInputs
 from .layers import layer_sweep

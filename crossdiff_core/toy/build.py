@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..ground_truth import behaviours_pass, load_ground_truth, measure_behaviours
+from ..behaviours import measure_behaviours
+from ..ground_truth import behaviours_pass, load_ground_truth
 from .config import ToyModelsConfig, ToyModelsResult
 from .corpus import ToyData, load_toy_data
 from .finetune import (encode_conversations, finetune, finetune_rows, length_batches, mean_loss, pad_batch, pretrain,
