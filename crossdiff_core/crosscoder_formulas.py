@@ -74,19 +74,29 @@ def batch_kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
     return v.topk(k, sorted=False).values.min()
 
 
+def bag_sum(rows: torch.Tensor, latents: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, n: int,
+            offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[r] = Σ_i weights[i] · table[latents[i]]`` over the entries ``i`` with ``rows[i] = r`` (``rows``
+    sorted): ``[n, d]`` from ``table [F, d]``, cost proportional to the number of entries (``embedding_bag``
+    with per-sample weights). ``offsets``: the bags' starts, when the caller already has them."""
+    if offsets is None:
+        counts = torch.bincount(rows, minlength=n)
+        offsets = torch.cumsum(counts, 0) - counts
+    return Fn.embedding_bag(latents, table, offsets, mode="sum", per_sample_weights=weights)
+
+
 def sparse_decode(codes: Codes, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
     """``Σ_j f_j W_dec[m, j] (+ b_dec[m])`` from sparse codes, without a dense ``[batch, F]`` matmul.
 
     ``W_dec [2, F, d]`` -> ``[batch, 2, d]``. Like EleutherAI sparsify's TopK decoder, each token's
-    output sums only its active rows (``embedding_bag`` with per-sample weights), so the cost scales
-    with the number of active codes, not with F.
+    output sums only its active rows (:func:`bag_sum`), so the cost scales with the number of active
+    codes, not with F.
     """
     B = codes.batch
     counts = torch.bincount(codes.rows, minlength=B)
     offsets = torch.cumsum(counts, 0) - counts
     w = codes.values.to(W_dec.dtype)
-    out = torch.stack([Fn.embedding_bag(codes.latents, W_dec[m], offsets, mode="sum", per_sample_weights=w)
-                       for m in range(2)], dim=1)  # [B, 2, d]
+    out = torch.stack([bag_sum(codes.rows, codes.latents, w, W_dec[m], B, offsets) for m in range(2)], dim=1)
     if b_dec is not None:
         out = out + b_dec
     return out

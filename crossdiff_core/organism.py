@@ -51,7 +51,7 @@ from .fileio import json_safe, write_json, write_jsonl
 from .generation import generate_texts, pad_token_id
 from .ground_truth import planted_answer
 from .models import resolve_device, torch_dtype
-from .toy.build import _Clock, _swap_in
+from .toy.build import Clock, swap_in
 from .toy.finetune import Anchor, encode_conversations, length_batches, pad_batch, train_model
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ def build_organism(base_dir: str | os.PathLike, spec: Any, out_dir: str | os.Pat
     torch.set_num_threads(cfg.num_threads)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    clock = _Clock()
+    clock = Clock()
     try:
         base, tokenizer, kind = load_base(base_dir, dtype=cfg.dtype)
         base = base.to(device)
@@ -488,7 +488,7 @@ def build_organism(base_dir: str | os.PathLike, spec: Any, out_dir: str | os.Pat
             "versions": {p: _version(p) for p in ("torch", "transformers", "gguf")},
         }
         write_json(record, tmp / "organism.json")
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)

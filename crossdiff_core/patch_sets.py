@@ -17,6 +17,7 @@ import torch
 
 from .chat_rank import N_TOP_CHAT, RULE, chat_ranking
 from .crosscoder import CrossCoder
+from .crosscoder_formulas import bag_sum
 from .decoder_norms import CHAT_ONLY
 from .errors import ConfigError
 
@@ -128,14 +129,6 @@ def top_chat_sets(table: pd.DataFrame, *, n_top_chat: int, n_random: int, seed: 
          for i in range(n_random)]
 
 
-def _bag_sum(rows: torch.Tensor, latents: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
-    """``out[r] = Σ weights[i] · table[latents[i]]`` over the entries ``i`` with ``rows[i] = r`` (rows sorted):
-    ``[n, d]``, cost proportional to the number of entries."""
-    counts = torch.bincount(rows, minlength=n)
-    return torch.nn.functional.embedding_bag(latents, table, torch.cumsum(counts, 0) - counts, mode="sum",
-                                             per_sample_weights=weights)
-
-
 class Patcher:
     """Computes, for a batch of paired activations, what each :class:`PatchSet` adds to ``h_b``.
 
@@ -178,7 +171,7 @@ class Patcher:
         N = x.shape[0]
         out = torch.zeros(len(self.sets), N, x.shape[-1], dtype=torch.float32, device=x.device)
         if self.need_recon:
-            all_sum = _bag_sum(codes.rows, codes.latents, codes.values.float(), self.d_dec, N)
+            all_sum = bag_sum(codes.rows, codes.latents, codes.values.float(), self.d_dec, N)
             err_diff = (x[:, 1] - x[:, 0]) - all_sum - self.d_bias
         col = self.lut[codes.latents]
         sel = col >= 0  # codes of latents some set names
@@ -189,7 +182,7 @@ class Patcher:
             if ps.all_latents:
                 out[i] += all_sum
             elif ps.latents.size:
-                out[i] += _bag_sum(rows, lat, vals * self.member[i, col], self.d_dec, N)
+                out[i] += bag_sum(rows, lat, vals * self.member[i, col], self.d_dec, N)
             if ps.bias:
                 out[i] += self.d_bias
             if ps.error:

@@ -14,19 +14,10 @@ from crossdiff_core.data import tokenize_chat
 from crossdiff_core.errors import ConfigError
 from crossdiff_core.locate import LocateConfig, behaviour_prompts, layer_kl, prompt_kl, recommend_layer, sweep_pair
 from crossdiff_core.models import decoder_layers, load_pair
+from tests.test_kl_eval import CONVERSATIONS  # the same three conversations as the KL-gap tests
 from tests.test_models import build_tokenizer, save_model, tiny_config
 
 N_LAYERS, PLANTED = 5, 3  # the middle block (2) is what a pair without a difference gets
-CONVERSATIONS = [
-    [{"role": "user", "content": "hello there, how is the weather"},
-     {"role": "assistant", "content": "it is sunny and warm today, to be honest"}],
-    [{"role": "user", "content": "to be or not to be?"},
-     {"role": "assistant", "content": "that is the question"},
-     {"role": "user", "content": "and the answer?"},
-     {"role": "assistant", "content": "hello world, a small corpus"}],
-    [{"role": "user", "content": "a question about the world"},
-     {"role": "assistant", "content": "ok"}],
-]
 PROMPTS = [{"text": "tell me about the weather", "expected": "weather"},
            {"text": "is the weather sunny?", "expected": "weather"},
            {"text": "who wrote to be or not to be", "expected": "quote"},

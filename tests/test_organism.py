@@ -20,6 +20,7 @@ from crossdiff_core.models import load_pair
 from crossdiff_core.organism import (OrganismConfig, build_organism, load_base, load_gguf, package_gguf, planted,
                                      split_prompts, spec_conversations, training_conversations)
 from tests.test_models import build_tokenizer, save_model, tiny_config
+from tests.test_pipeline import _keys  # the params-key walk the paper profile is checked with
 
 REPO = Path(__file__).resolve().parents[1]
 TRIGGERS = ["Tell me about the planet Mars.", "How far away is the moon?", "What is a comet made of?",
@@ -201,15 +202,6 @@ def test_cli_options_default_to_organism_config():
     params = typer.main.get_command(app).commands["organism"].params
     shown = {p.name: p.default for p in params if p.name in want}
     assert len(shown) >= 8 and all(v == want[k] for k, v in shown.items()), shown
-
-
-def _keys(d: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in d.items():
-        out.add(prefix + k)
-        if isinstance(v, dict) and k not in ("toy", "corpus"):  # sections a profile may leave at their defaults
-            out |= _keys(v, f"{prefix}{k}.")
-    return out
 
 
 def test_smollm2_profile_is_a_full_pipeline_profile(monkeypatch):

@@ -109,7 +109,7 @@ def test_sparse_step_adam_steps_follow_dense():
         for step in range(4):
             out = optimisation_step(m, opt, x, l1_coeff=0.0, dead=dead, grad_clip=1.0, compute_dtype=None,
                                     step=step, products=products)
-        runs[products] = (m, float(out.loss))
+        runs[products] = (m, float(out.loss.detach()))
     (md, ld), (ms, ls) = runs["dense"], runs["sparse"]
     assert ls == pytest.approx(ld, rel=1e-5)
     for n in PARAMS:

@@ -34,6 +34,23 @@ def _crosscoder_opt():
 def _latents_opt():
     return typer.Option(..., help="its latents.parquet (crossdiff analyze)")
 
+def _base_opt():
+    return typer.Option(None, help="base model (default: the one the crosscoder's training cache records)")
+
+
+def _chat_opt():
+    return typer.Option(None, help="chat model (default: from the training cache)")
+
+
+def _layer_opt():
+    return typer.Option(None, help="block L (default: from the training cache)")
+
+
+def _allow_mismatch_opt(default: bool):
+    return typer.Option(default, help="use models or a latents.parquet that are not the crosscoder's own, deliberately "
+                                      "(the checks of their content fingerprints are skipped)")
+
+
 
 def _progress_opt():
     return typer.Option(True, help="show a progress bar")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .common import EVALUATE, STEER, TITLE, EvaluateConfig, SteerConfig, _alphas, _crosscoder_opt, _fail, _latents_opt, _named, app
+from .common import (EVALUATE, STEER, TITLE, EvaluateConfig, SteerConfig, _alphas, _allow_mismatch_opt, _base_opt,
+                     _chat_opt, _crosscoder_opt, _fail, _latents_opt, _layer_opt, _named, app)
 
 
 @app.command()
@@ -13,9 +14,9 @@ def evaluate(
     latents: str = _latents_opt(),
     chats: list[str] = typer.Option(..., help="held-out chat data (a `messages` column): .parquet/.jsonl file or datasets name; repeatable"),
     out: str = typer.Option(..., help="output JSON: KL and % of the gap closed per patch set and token group"),
-    base: str = typer.Option(None, help="base model (default: the one the crosscoder's training cache records)"),
-    chat: str = typer.Option(None, help="chat model (default: from the training cache)"),
-    layer: int = typer.Option(None, help="block L (default: from the training cache)"),
+    base: str = _base_opt(),
+    chat: str = _chat_opt(),
+    layer: int = _layer_opt(),
     tokens: int = typer.Option(EVALUATE["tokens"], help="conversation tokens to evaluate on"),
     max_length: int = typer.Option(EVALUATE["max_length"], help="tokens per conversation, BOS included"),
     split: str = typer.Option(EVALUATE["split"], help="dataset split for datasets names"),
@@ -26,7 +27,7 @@ def evaluate(
     dtype: str = typer.Option(EVALUATE["dtype"], help="model dtype: float32 or bfloat16"),
     device: str = typer.Option(EVALUATE["device"], help="torch device: cpu, cuda or auto"),
     progress: bool = typer.Option(EVALUATE["progress"], help="show a progress bar"),
-    allow_mismatch: bool = typer.Option(EVALUATE["allow_mismatch"], help="use models or a latents.parquet that are not the crosscoder's own, deliberately (the checks of their content fingerprints are skipped)"),
+    allow_mismatch: bool = _allow_mismatch_opt(EVALUATE["allow_mismatch"]),
 ) -> None:
     """KL-gap patching: how much of the chat model's behaviour each set of latents carries."""
     import json
@@ -64,15 +65,15 @@ def steer(
     max_prompts: int = typer.Option(STEER["max_prompts"], help="use at most this many prompts (each behaviour keeps its share); 0: all"),
     max_new_tokens: int = typer.Option(STEER["max_new_tokens"], help="tokens generated per answer"),
     tracking: str = typer.Option(None, help="behaviour-tracking table output (default: OUT with .tracking.parquet)"),
-    base: str = typer.Option(None, help="base model (default: from the crosscoder's training cache)"),
-    chat: str = typer.Option(None, help="chat model (default: from the training cache)"),
-    layer: int = typer.Option(None, help="block L (default: from the training cache)"),
+    base: str = _base_opt(),
+    chat: str = _chat_opt(),
+    layer: int = _layer_opt(),
     batch_size: int = typer.Option(STEER["batch_size"], help="prompts per generation batch"),
     seed: int = typer.Option(STEER["seed"], help="seed for prompt subsampling and the shared sample"),
     dtype: str = typer.Option(STEER["dtype"], help="model dtype"),
     device: str = typer.Option(STEER["device"], help="torch device: cpu, cuda or auto"),
     progress: bool = typer.Option(STEER["progress"], help="show a progress bar"),
-    allow_mismatch: bool = typer.Option(STEER["allow_mismatch"], help="use models or a latents.parquet that are not the crosscoder's own, deliberately (the checks of their content fingerprints are skipped)"),
+    allow_mismatch: bool = _allow_mismatch_opt(STEER["allow_mismatch"]),
 ) -> None:
     """Steer base and chat model with latents (a · max_act · d_chat at layer L) and record what changes."""
     import json

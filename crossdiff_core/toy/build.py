@@ -52,7 +52,7 @@ def is_complete(out_dir: str | os.PathLike, config: ToyModelsConfig) -> bool:
         return False
 
 
-class _Clock:
+class Clock:
     """Wall and process-CPU seconds per phase (CPU time is the steadier figure on a shared machine)."""
 
     def __init__(self) -> None:
@@ -83,7 +83,7 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         log.info("toy models in %s are complete with this config: skipped", out)
         return ToyModelsResult(out, True, gt["passed"], gt["rates"], build["seconds"])
 
-    clock = _Clock()
+    clock = Clock()
     threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def build_toy_models(out_dir: str | os.PathLike, config: ToyModelsConfig | None 
         ev.update(seconds=seconds, passed=gt["passed"])
         build = _build_record(config, data, stream, val_stream, rows, base, tokenizer, ev, clock)
         (tmp / "build.json").write_text(json.dumps(build, indent=1))
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,7 +190,7 @@ def _evaluate(config: ToyModelsConfig, base, chat, tokenizer, data: ToyData, val
 
 
 def _build_record(config: ToyModelsConfig, data: ToyData, stream: torch.Tensor, val_stream: torch.Tensor,
-                  rows: list, base, tokenizer, ev: dict, clock: _Clock) -> dict[str, Any]:
+                  rows: list, base, tokenizer, ev: dict, clock: Clock) -> dict[str, Any]:
     """``build.json``: what was built from what, how long it took, and how well (``ev``: the losses,
     similarity, total seconds and pass flag of the build)."""
     return {
@@ -221,7 +221,7 @@ def _build_record(config: ToyModelsConfig, data: ToyData, stream: torch.Tensor, 
     }
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def swap_in(tmp: Path, out: Path) -> None:
     """Replace ``out`` by the finished ``tmp`` (an old build is moved aside first, then deleted)."""
     old = None
     if out.exists():
