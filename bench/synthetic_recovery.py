@@ -1,10 +1,14 @@
-"""Planted-feature recovery: L1 vs BatchTopK crosscoders at matched L0 on synthetic data.
+"""Planted-feature recovery: every crosscoder kind at matched L0 on synthetic data.
 
-Writes a `crossdiff synth` cache (d=64, 320 planted features in five classes), trains a BatchTopK and
-an L1 crosscoder on it with the project's trainer, and scores both against the planted truth:
-FVE, L0, dead fraction, recovery per planted class (a decoder row with cosine > 0.9), and the confusion
-of planted class vs Δnorm class of the matched latent. The paper's effect (Complete Shrinkage): L1
-labels many weakly-shared features (base at 0.2–0.5 of chat) chat-only; BatchTopK does not.
+Writes a `crossdiff synth` cache (d=64, 320 planted features in five classes), trains one crosscoder of
+each kind on it with the project's trainer (l1, shared: L1 with tied designated latents at a reduced
+penalty, batchtopk, dfc: BatchTopK with latents exclusive to each model), and scores them against the
+planted truth: FVE, L0, dead fraction, recovery per planted class (a decoder row with cosine > 0.9), the
+confusion of planted class vs Δnorm class of the matched latent, and for shared/dfc which block of the
+partition the matched latents lie in. The paper's effect (Complete Shrinkage): L1 labels many
+weakly-shared features (base at 0.2–0.5 of chat) chat-only; BatchTopK does not. λ is searched for both
+L1-family kinds so that their L0 ≈ k (matched L0); the partition settings are the defaults
+(CrossCoderSettings: shared_fraction, shared_l1_ratio, dfc_exclusive).
 
 BatchTopK is trained twice, side by side: with today's defaults and with the old recipe (decoder rows at
 0.05, zero b_dec, the inference threshold's EMA at 0.999), which left 47–70% of its latents dead. The dead
@@ -13,7 +17,8 @@ held-out tokens, and over training (the trainer's history: `dead_fraction` on th
 `dead_train_fraction` = unfired for `--dead-tokens`).
 
     python bench/synthetic_recovery.py                 # the BENCHMARKS.md run: k = 8 (the planted features
-                                                       # active per token), λ searched so that L1's L0 ≈ 8
+                                                       # active per token), λ searched so that L1's and
+                                                       # shared's L0 ≈ 8
     python bench/synthetic_recovery.py --no-search --l1-coeff 1.5   # BatchTopK's k = L1's measured L0
     python bench/synthetic_recovery.py --quick         # smaller, to check it runs
 """
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from crossdiff_core.crosscoder import CrossCoder, CrossCoderSettings
+from crossdiff_core.crosscoder import SPARSITY, CrossCoder, CrossCoderSettings
 from crossdiff_core.decoder_norms import CLASSES, class_codes
 from crossdiff_core.cache import ActivationCache
 from crossdiff_core.metrics import evaluate
@@ -55,7 +60,12 @@ def train_and_score(cache: Path, out: Path, truth, *, kind: str, dict_size: int,
     c = ActivationCache(cache)
     everywhere = evaluate(model, (x for _, x in c.iter_sequential(8192, dtype=torch.float32)))  # what analysis counts
     s = score(model, truth)
-    s.pop("matches")
+    matches = s.pop("matches")
+    # which block of the partition the matched latents of the recovered features lie in (shared, dfc)
+    block_of = {j: name for name, r in model.partition().items() for j in r}
+    rec = matches[matches["recovered"]]
+    s["blocks"] = {c: {b: int((rec.loc[rec["planted_class"] == c, "latent"].map(block_of) == b).sum())
+                       for b in model.partition()} for c in PLANTED_CLASSES}
     history = json.loads((out / "history.json").read_text())
     return {"kind": kind, "label": label or kind, "k": k, "l1_coeff": l1_coeff, "recipe": recipe or "defaults",
             "fve_base": m["fve_base"], "fve_chat": m["fve_chat"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
@@ -64,14 +74,25 @@ def train_and_score(cache: Path, out: Path, truth, *, kind: str, dict_size: int,
 
 
 def search_lambda(cache: Path, work: Path, *, target_l0: float, dict_size: int, tc: TrainConfig,
-                  lams: list[float]) -> tuple[float, list[tuple[float, float]]]:
-    """Short L1 runs at each λ; interpolate log λ linearly in log L0 to hit ``target_l0``."""
+                  lams: list[float], kind: str = "l1") -> tuple[float, list[tuple[float, float]]]:
+    """Short runs of an L1-family ``kind`` at each λ; interpolate log λ linearly in log L0 to hit ``target_l0``."""
     pts = []
-    for i, lam in enumerate(lams):
-        m = train_crosscoder(cache, work / f"search-{i}", kind="l1",
+
+    def run(lam):
+        m = train_crosscoder(cache, work / f"search-{kind}-{len(pts)}", kind=kind,
                              train=replace(tc, crosscoder=CrossCoderSettings(dict_size=dict_size, l1_coeff=lam)))
         pts.append((lam, m["l0"]))
-        print(f"  λ search: λ={lam:g} -> L0 {m['l0']:.1f}", flush=True)
+        print(f"  {kind} λ search: λ={lam:g} -> L0 {m['l0']:.1f}", flush=True)
+
+    for lam in lams:
+        run(lam)
+    # widen the bracket (x4 a step, at most 3 more runs) until it holds the target: shared's tied latents pay
+    # a fraction of λ, so its λ for a given L0 can lie well outside L1's bracket
+    for _ in range(3):
+        lo, hi = min(pts), max(pts)
+        if min(p[1] for p in pts) <= target_l0 <= max(p[1] for p in pts):
+            break
+        run(hi[0] * 4 if min(p[1] for p in pts) > target_l0 else lo[0] / 4)
     pts.sort()
     x = [math.log(p[0]) for p in pts]
     y = [math.log(p[1]) for p in pts]
@@ -84,9 +105,13 @@ def search_lambda(cache: Path, work: Path, *, target_l0: float, dict_size: int, 
     return math.exp(x0 + (t - y0) * (x1 - x0) / (y1 - y0)), pts
 
 
+def _knob(r: dict) -> str:
+    return f"λ={r['l1_coeff']:.3g}" if SPARSITY[r["kind"]] == "l1" else f"k={r['k']}"
+
+
 def print_table(results: list[dict]) -> None:
     print()
-    print(f"{'':26s}" + "".join(f"{r['label'] + (' λ=' + format(r['l1_coeff'], '.3g') if r['kind'] == 'l1' else ' k=' + str(r['k'])):>18s}" for r in results))
+    print(f"{'':26s}" + "".join(f"{r['label'] + ' ' + _knob(r):>18s}" for r in results))
     rows = [("FVE base", "fve_base", "{:.3f}"), ("FVE chat", "fve_chat", "{:.3f}"), ("L0", "l0", "{:.1f}"),
             ("dead, whole cache", "dead_cache", "{:.3f}"), ("dead, held-out tokens", "dead_fraction", "{:.3f}"),
             ("dead, training window", "dead_train", "{:.3f}"), ("train seconds", "seconds", "{:.0f}")]
@@ -98,11 +123,16 @@ def print_table(results: list[dict]) -> None:
         f"{r['confusion']['weakly_shared']['chat_only']:>11d} / {sum(r['confusion']['weakly_shared'].values()):<4d}"
         for r in results))
     print(f"{'weak mean Δnorm':26s}" + "".join(f"{r['mean_delta_norm']['weakly_shared']:>18.3f}" for r in results))
+    print("\nthe partition's blocks holding the matched latents (recovered features), per planted class")
+    for r in results:
+        if len(r["blocks"][PLANTED_CLASSES[0]]) > 1:
+            print(f"  {r['label']:10s} " + "; ".join(
+                f"{SHORT[c]}: " + ", ".join(f"{b} {n}" for b, n in r["blocks"][c].items()) for c in PLANTED_CLASSES))
     print("\ndead fraction over training (step: held-out / training window)")
     for r in results:
         print(f"  {r['label']:16s} " + "  ".join(f"{s}: {d:.2f}/{w:.2f}" for s, d, w in r["dead_history"]))
     for r in results:
-        name = r["label"] + (f" (λ={r['l1_coeff']:.3g})" if r["kind"] == "l1" else f" (k={r['k']})")
+        name = f"{r['label']} ({_knob(r)})"
         print(f"\nconfusion, {name}: planted class (rows) x Δnorm class of the matched latent (recovered features)")
         print(f"{'':12s}" + "".join(f"{SHORT[c]:>11s}" for c in CLASSES))
         for c in PLANTED_CLASSES:
@@ -118,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=8,
                     help="BatchTopK k; 0: the L1 crosscoder's measured L0, rounded (matched L0 after the fact)")
     ap.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
-                    help="with k > 0: first search λ (short runs at λ/2, λ, 2λ) so that L1's L0 ≈ k")
+                    help="with k > 0: first search λ (short runs at λ/2, λ, 2λ) so that L1's and shared's L0 ≈ k")
+    ap.add_argument("--kinds", nargs="+", default=["l1", "shared", "batchtopk", "dfc", "batchtopk-old"],
+                    choices=["l1", "shared", "batchtopk", "dfc", "batchtopk-old"], help="what to train (default: all)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dead-tokens", type=int, default=100_000, help="BatchTopK: a latent unfired this long is dead")
@@ -147,25 +179,31 @@ def main(argv: list[str] | None = None) -> int:
         tc = TrainConfig(tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                          val_every=max(1, a.train_tokens // a.batch_size // 20), checkpoint_every=0,
                          dead_tokens=a.dead_tokens, progress=False)
-        lam = a.l1_coeff
-        if a.k and a.search:
-            short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 3)})
-            lam, _ = search_lambda(cache, work, target_l0=a.k, dict_size=a.dict_size, tc=short,
-                                   lams=[lam / 2, lam, lam * 2])
-            print(f"  λ search picked λ={lam:.3g} for target L0 {a.k}", flush=True)
-        l1 = train_and_score(cache, work / "l1", truth, kind="l1", dict_size=a.dict_size, k=None, l1_coeff=lam, tc=tc)
-        print(f"l1 done: L0 {l1['l0']:.2f} ({l1['seconds']:.0f} s)", flush=True)
+        lams = {}
+        for kind in ("l1", "shared"):
+            lams[kind] = a.l1_coeff
+            if kind in a.kinds and a.k and a.search:
+                short = TrainConfig(**{**tc.__dict__, "tokens": max(a.batch_size, a.train_tokens // 3)})
+                lams[kind], _ = search_lambda(cache, work, target_l0=a.k, dict_size=a.dict_size, tc=short,
+                                              lams=[a.l1_coeff / 2, a.l1_coeff, a.l1_coeff * 2], kind=kind)
+                print(f"  {kind} λ search picked λ={lams[kind]:.3g} for target L0 {a.k}", flush=True)
+        results = {}
+        for kind in ("l1", "shared"):
+            if kind in a.kinds:
+                results[kind] = train_and_score(cache, work / kind, truth, kind=kind, dict_size=a.dict_size, k=None,
+                                                l1_coeff=lams[kind], tc=tc)
+                print(f"{kind} done: L0 {results[kind]['l0']:.2f} ({results[kind]['seconds']:.0f} s)", flush=True)
         # matched L0: BatchTopK's k is the L1 crosscoder's measured L0 unless --k fixes it
-        k = a.k if a.k else max(1, round(l1["l0"]))
-        btk = train_and_score(cache, work / "batchtopk", truth, kind="batchtopk", dict_size=a.dict_size, k=k,
-                              l1_coeff=0.0, tc=tc)
-        print(f"batchtopk done: L0 {btk['l0']:.2f}, dead {btk['dead_cache']:.3f} ({btk['seconds']:.0f} s)", flush=True)
-        old = train_and_score(cache, work / "batchtopk-old", truth, kind="batchtopk", dict_size=a.dict_size, k=k,
-                              l1_coeff=0.0, tc=tc, label="batchtopk-old", recipe=OLD_BATCHTOPK)
-        print(f"batchtopk (old recipe) done: L0 {old['l0']:.2f}, dead {old['dead_cache']:.3f} ({old['seconds']:.0f} s)",
-              flush=True)
-        results = [l1, btk, old]
-        ideal = class_codes(ideal_delta_norm(truth, CrossCoder.load(work / "l1").scales))  # the scales it trained with
+        k = a.k if a.k else max(1, round(results["l1"]["l0"] if "l1" in results else 8))
+        for label, kind, recipe in (("batchtopk", "batchtopk", None), ("dfc", "dfc", None),
+                                    ("batchtopk-old", "batchtopk", OLD_BATCHTOPK)):
+            if label in a.kinds:
+                r = results[label] = train_and_score(cache, work / label, truth, kind=kind, dict_size=a.dict_size,
+                                                     k=k, l1_coeff=0.0, tc=tc, label=label, recipe=recipe)
+                print(f"{label} done: L0 {r['l0']:.2f}, dead {r['dead_cache']:.3f} ({r['seconds']:.0f} s)", flush=True)
+        first = next(iter(results))
+        ideal = class_codes(ideal_delta_norm(truth, CrossCoder.load(work / first).scales))  # the scales it trained with
+        results = list(results.values())
 
     print_table(results)
     print("\na perfect dictionary (decoder norms = planted write norms / s_m) would give, per planted class:")
@@ -174,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {SHORT[c]:10s} " + ", ".join(f"{SHORT[d]} {int((sel == j).sum())}" for j, d in enumerate(CLASSES)
                                              if int((sel == j).sum())))
     total = time.perf_counter() - t_start
-    print(f"\nL0 ratio L1/BatchTopK: {l1['l0'] / btk['l0']:.2f}; weakly-shared features labelled chat-only: "
-          f"L1 {l1['chat_only_share']['weakly_shared']:.0%}, BatchTopK {btk['chat_only_share']['weakly_shared']:.0%}")
+    print("\nL0 and recovered weakly-shared features labelled chat-only: " + "; ".join(
+        f"{r['label']} {r['l0']:.1f}, {r['chat_only_share']['weakly_shared']:.0%}" for r in results))
     print(f"total time {total:.0f} s on {torch.get_num_threads()} threads "
           f"({a.train_tokens:,} training tokens per crosscoder, F={a.dict_size}, batch {a.batch_size})")
     if a.json:

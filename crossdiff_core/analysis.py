@@ -286,8 +286,8 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
     if cfg.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
     model = model.to(device).eval()
-    if model.cfg.kind == "batchtopk" and not bool(torch.isfinite(model.threshold)):
-        raise CrossdiffError("this batchtopk crosscoder has no inference threshold (it stopped before warm-up "
+    if model.cfg.sparsity == "batchtopk" and not bool(torch.isfinite(model.threshold)):
+        raise CrossdiffError(f"this {model.cfg.kind} crosscoder has no inference threshold (it stopped before warm-up "
                              "ended): train it for more steps before analysing it")
     F = model.cfg.dict_size
     dec = decoder_stats(model.W_dec)
@@ -304,7 +304,7 @@ def analyze(model: CrossCoder, cache, cfg: AnalysisConfig | None = None) -> Anal
                          total=n_batches, disable=not cfg.progress, desc="analyse", unit="batch"):
         check_finite_batch(x, cache, start)
         xn = model.normalise(x)
-        if model.cfg.kind == "l1":
+        if model.cfg.sparsity == "l1":
             # L1 codes can be dense: keep them dense (GEMMs) unless sparse products are cheaper
             f = model.encode(xn, normalised=True)
             # the density from every 8th token decides (an exact count costs a third of the encode at small F)

@@ -1,4 +1,7 @@
-"""The acausal crosscoder of DESIGN §1: one layer, two models, L1 or BatchTopK sparsity.
+"""The acausal crosscoder of DESIGN §1: one layer, two models, L1 or BatchTopK sparsity, and two partitioned
+kinds: ``shared`` (L1 with designated latents whose decoder is tied across the models and whose L1 weight is
+``shared_l1_ratio``) and ``dfc`` (BatchTopK with latents exclusive to one model, which read and write that
+model only). The layout of the latent blocks is :meth:`CrossCoderConfig.partition`.
 
 Weights act on normalised inputs ``x_m / s_m``; every public method takes and returns activations in
 the models' own units. Shapes: ``x [batch, 2, d]`` (index 0 = base, 1 = chat), codes ``f [batch, F]``.
@@ -19,7 +22,7 @@ import torch.nn.functional as Fn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .crosscoder_config import KINDS, CrossCoderConfig, CrossCoderSettings, read_config_json
+from .crosscoder_config import KINDS, SPARSITY, CrossCoderConfig, CrossCoderSettings, read_config_json
 from .crosscoder_formulas import (Codes, batch_kth_largest, firing_counts, l1_penalty, reconstruction_loss,
                                   sparse_decode)
 from .errors import ConfigError, CrossdiffError
@@ -27,14 +30,14 @@ from .fileio import atomic_write, file_sha256
 from .sparse_step import sparse_codes_step, use_sparse
 
 # the settings and formulas stay importable from here (cli, trainer, tests and benches import them so)
-__all__ = ["KINDS", "Codes", "CrossCoder", "CrossCoderConfig", "CrossCoderSettings", "LocalBatch", "LossOutput",
+__all__ = ["KINDS", "SPARSITY", "Codes", "CrossCoder", "CrossCoderConfig", "CrossCoderSettings", "LocalBatch", "LossOutput",
            "batch_kth_largest", "firing_counts", "l1_penalty", "reconstruction_loss", "sparse_decode"]
 
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # what is minimised
     recon: torch.Tensor  # Σ_m ||x_m − x̂_m||², batch mean, normalised units
-    sparsity: torch.Tensor  # λ Σ_j f_j (||d_j^b|| + ||d_j^c||), batch mean (0 for BatchTopK)
+    sparsity: torch.Tensor  # λ Σ_j w_j f_j (||d_j^b|| + ||d_j^c||), batch mean (w_j: sparsity_norms; 0 for BatchTopK)
     aux: torch.Tensor  # L_aux (0 unless dead latents are given)
     l0: torch.Tensor  # mean active latents per token
     fired: torch.Tensor  # [F] bool, latents active anywhere in the batch
@@ -57,7 +60,14 @@ class LocalBatch:
 
 
 class CrossCoder(torch.nn.Module):
-    """Crosscoder with ``W_enc [2,d,F]``, ``b_enc [F]``, ``W_dec [2,F,d]``, ``b_dec [2,d]``, ``scales [2]``."""
+    """Crosscoder with ``W_enc [2,d,F]``, ``b_enc [F]``, ``W_dec [2,F,d]``, ``b_dec [2,d]``, ``scales [2]``.
+
+    The partitioned kinds keep their constraints exactly, at init and through any training that steps with
+    :func:`crossdiff_core.trainer.optimisation_step`: ``shared``: ``W_dec[0, j] == W_dec[1, j]`` bit for bit on
+    the tied latents (a gradient hook gives both halves the gradient of one tied parameter, the sum of the
+    two; :meth:`enforce_constraints` copies the base half over after each step, against any round-off of
+    the optimiser); ``dfc``: ``W_dec[other, j] == 0`` and ``W_enc[other, :, j] == 0`` on the exclusive latents
+    (the hooks zero their gradients). :meth:`load` refuses weights that break them."""
 
     def __init__(self, cfg: CrossCoderConfig, *, scales: torch.Tensor | None = None, mean: torch.Tensor | None = None,
                  device=None, dtype: torch.dtype = torch.float32, seed: int | None = 0):
@@ -70,9 +80,19 @@ class CrossCoder(torch.nn.Module):
         w = torch.randn(2, F, d, generator=gen, dtype=torch.float32)
         # each model's half of a row gets init_norm, so Δnorm starts at 0.5 for every latent
         w = w / w.norm(dim=-1, keepdim=True) * cfg.init_norm
+        blocks = cfg.partition()
+        if cfg.kind == "shared":  # the tied latents start (and stay) with one decoder for both models
+            w[1, _sl(blocks["tied"])] = w[0, _sl(blocks["tied"])]
+        elif cfg.kind == "dfc":  # an exclusive latent reads and writes its own model only
+            w[1, _sl(blocks["base_exclusive"])] = 0.0
+            w[0, _sl(blocks["chat_exclusive"])] = 0.0
         w = w.to(device=device, dtype=dtype)
         self.W_dec = torch.nn.Parameter(w)
         self.W_enc = torch.nn.Parameter(w.transpose(1, 2).contiguous())
+        if cfg.kind in ("shared", "dfc"):
+            self.W_dec.register_hook(self._constrain_dec_grad)
+        if cfg.kind == "dfc":
+            self.W_enc.register_hook(self._constrain_enc_grad)
         self.b_enc = torch.nn.Parameter(torch.zeros(F, device=device, dtype=dtype))
         s = torch.ones(2) if scales is None else torch.as_tensor(scales, dtype=torch.float32).reshape(2)
         if not torch.all(torch.isfinite(s) & (s > 0)):
@@ -102,10 +122,85 @@ class CrossCoder(torch.nn.Module):
                 f"{list(x.shape)}: check that the cache's d_model matches the crosscoder's"
             )
 
+    # ---- the partition (shared, dfc) ---------------------------------------------------------
+    def partition(self) -> dict[str, range]:
+        """Block name -> its latents (:meth:`CrossCoderConfig.partition`): ``tied``/``free`` (shared),
+        ``base_exclusive``/``chat_exclusive``/``shared`` (dfc), ``free`` (l1, batchtopk)."""
+        return self.cfg.partition()
+
+    def _constrain_dec_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """``W_dec``'s gradient ``[2, F, d]`` as the constraints have it: on the tied latents both halves get
+        ``g[0] + g[1]`` (the gradient of one parameter used for both models), so that Adam's elementwise
+        update is the same for both; an exclusive latent's other-model half gets 0."""
+        blocks = self.cfg.partition()
+        g = g.clone()
+        if self.cfg.kind == "shared":
+            t = _sl(blocks["tied"])
+            g[:, t] = g[0, t] + g[1, t]
+        else:
+            g[1, _sl(blocks["base_exclusive"])] = 0.0
+            g[0, _sl(blocks["chat_exclusive"])] = 0.0
+        return g
+
+    def _constrain_enc_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """``W_enc``'s gradient ``[2, d, F]`` (dfc): an exclusive latent does not read the other model."""
+        blocks = self.cfg.partition()
+        g = g.clone()
+        g[1, :, _sl(blocks["base_exclusive"])] = 0.0
+        g[0, :, _sl(blocks["chat_exclusive"])] = 0.0
+        return g
+
+    @torch.no_grad()
+    def enforce_constraints(self) -> None:
+        """Set the constrained weights to what the constraints say (after an optimiser step): the tied latents'
+        chat half to their base half (shared), the exclusive latents' other-model weights to 0 (dfc). With the
+        gradient hooks this changes nothing but round-off an optimiser might make differently at two positions."""
+        blocks = self.cfg.partition()
+        if self.cfg.kind == "shared":
+            t = _sl(blocks["tied"])
+            self.W_dec[1, t] = self.W_dec[0, t]
+        elif self.cfg.kind == "dfc":
+            b, c = _sl(blocks["base_exclusive"]), _sl(blocks["chat_exclusive"])
+            self.W_dec[1, b] = 0.0
+            self.W_dec[0, c] = 0.0
+            self.W_enc[1, :, b] = 0.0
+            self.W_enc[0, :, c] = 0.0
+
+    def constraint_violations(self, W_enc: torch.Tensor | None = None, W_dec: torch.Tensor | None = None) -> list[str]:
+        """What breaks this kind's constraints in ``W_enc [2, d, F]`` and ``W_dec [2, F, d]`` (default: the
+        model's own weights), one line each; empty when they hold (always for l1 and batchtopk)."""
+        W_enc = self.W_enc if W_enc is None else W_enc
+        W_dec = self.W_dec if W_dec is None else W_dec
+        blocks, out = self.cfg.partition(), []
+        if self.cfg.kind == "shared":
+            t = _sl(blocks["tied"])
+            n = int((W_dec[0, t] != W_dec[1, t]).any(-1).sum())
+            if n:
+                out.append(f"{n} of the {len(blocks['tied'])} tied latents (0..{t.stop - 1}) have W_dec[0, j] != W_dec[1, j]")
+        elif self.cfg.kind == "dfc":
+            for name, other, model in (("base_exclusive", 1, "chat"), ("chat_exclusive", 0, "base")):
+                r = _sl(blocks[name])
+                for w, where in ((W_dec[other, r], f"W_dec[{other}]"), (W_enc[other][:, r].t(), f"W_enc[{other}]")):
+                    n = int((w != 0).any(-1).sum())
+                    if n:
+                        out.append(f"{n} {name} latents ({r.start}..{r.stop - 1}) have non-zero {model} weights "
+                                   f"{where}")
+        return out
+
     # ---- pieces ------------------------------------------------------------------------------
     def decoder_norms(self) -> torch.Tensor:
         """``[2, F]`` norms of the decoder rows ``||d_j^b||, ||d_j^c||`` (normalised space)."""
         return self.W_dec.norm(dim=-1)
+
+    def sparsity_norms(self) -> torch.Tensor:
+        """``[2, F]`` the decoder norms as the L1 penalty weighs them, ``w_j ||d_j^m||``: ``w_j = shared_l1_ratio``
+        on the tied latents of a shared crosscoder, 1 elsewhere (so the one penalty formula,
+        :func:`~crossdiff_core.crosscoder_formulas.l1_penalty`, serves every L1-family kind)."""
+        norms = self.decoder_norms()
+        if self.cfg.kind != "shared":
+            return norms
+        t = _sl(self.cfg.partition()["tied"])
+        return torch.cat([norms[:, t] * self.cfg.shared_l1_ratio, norms[:, t.stop:]], dim=1)
 
     def pre_activations(self, xn: torch.Tensor) -> torch.Tensor:
         """``[batch, 2, d]`` normalised -> ``[batch, F]`` pre-activations ``W_encᵀ x + b_enc``."""
@@ -148,11 +243,12 @@ class CrossCoder(torch.nn.Module):
         return Codes(Fn.relu(pre[rows, lat]), rows, lat, pre.shape[0])
 
     def encode_sparse(self, x: torch.Tensor, *, batch_topk: bool | None = None, normalised: bool = False) -> Codes:
-        """Codes of ``x [batch, 2, d]``. BatchTopK uses the batch selection when ``batch_topk`` (default:
-        in training mode) and the inference threshold otherwise; L1 keeps every positive ``relu(pre)``."""
+        """Codes of ``x [batch, 2, d]``. BatchTopK (and dfc) uses the batch selection when ``batch_topk``
+        (default: in training mode) and the inference threshold otherwise; L1 (and shared) keeps every
+        positive ``relu(pre)``."""
         xn = x if normalised else self.normalise(x)
         pre = self.pre_activations(xn)
-        if self.cfg.kind == "l1":
+        if self.cfg.sparsity == "l1":
             f = Fn.relu(pre)
             rows, lat = f.nonzero(as_tuple=True)
             return Codes(f[rows, lat], rows, lat, f.shape[0])
@@ -163,7 +259,7 @@ class CrossCoder(torch.nn.Module):
     def encode(self, x: torch.Tensor, *, batch_topk: bool | None = None, normalised: bool = False) -> torch.Tensor:
         """``[batch, 2, d]`` model units (or already normalised, with ``normalised``) -> dense codes ``f [batch, F]``."""
         xn = x if normalised else self.normalise(x)
-        if self.cfg.kind == "l1":
+        if self.cfg.sparsity == "l1":
             return Fn.relu(self.pre_activations(xn))
         return self.encode_sparse(xn, batch_topk=batch_topk, normalised=True).to_dense(self.cfg.dict_size)
 
@@ -189,7 +285,8 @@ class CrossCoder(torch.nn.Module):
              products: str | None = None) -> LossOutput:
         """The DESIGN §1 objective on one batch ``x [batch, 2, d]`` (model units).
 
-        L1: ``Σ_m ||x_m − x̂_m||² + λ Σ_j f_j (||d_j^b|| + ||d_j^c||)``; BatchTopK: ``Σ_m ||x_m − x̂_m||² + α L_aux``
+        L1 family: ``Σ_m ||x_m − x̂_m||² + λ Σ_j w_j f_j (||d_j^b|| + ||d_j^c||)`` (``w_j`` = shared_l1_ratio on a
+        shared crosscoder's tied latents, else 1: :meth:`sparsity_norms`); BatchTopK family: ``Σ_m ||x_m − x̂_m||² + α L_aux``
         with ``L_aux`` over the ``dead [F]`` latents (bool mask) when any are dead. ``products``: ``"dense"`` or
         ``"sparse"`` products (:mod:`crossdiff_core.sparse_step`; the same results to float round-off), or
         chosen by the codes' density (``None``/``"auto"``, :func:`~crossdiff_core.sparse_step.use_sparse`).
@@ -200,7 +297,7 @@ class CrossCoder(torch.nn.Module):
         zero = xn.new_zeros(())
         # BatchTopK keeps k·B entries (ties aside): the density is known before the product, whose
         # autograd graph the sparse step does not need
-        if self.cfg.kind == "batchtopk" and use_sparse(products, self.cfg.k * B, B, F, d):
+        if self.cfg.sparsity == "batchtopk" and use_sparse(products, self.cfg.k * B, B, F, d):
             with torch.no_grad():
                 pre = self.pre_activations(xn)
             mask, thr = self.batch_mask(pre)
@@ -208,7 +305,7 @@ class CrossCoder(torch.nn.Module):
             del mask
             return self._loss_sparse(xn, pre, rows, lat, lam=None, dead=dead, thr=thr)
         pre = self.pre_activations(xn)
-        if self.cfg.kind == "l1":
+        if self.cfg.sparsity == "l1":
             lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
             # counting the active codes is a pass over [B, F]: only when the density decides
             nnz = int((pre.detach() > 0).sum()) if products in (None, "auto") else 0
@@ -218,7 +315,7 @@ class CrossCoder(torch.nn.Module):
             f = Fn.relu(pre)
             x_hat = self.decode_normalised(f)
             recon = reconstruction_loss(xn, x_hat)
-            sparsity = l1_penalty(f, self.decoder_norms(), lam)
+            sparsity = l1_penalty(f, self.sparsity_norms(), lam)
             counts = firing_counts(f)
             return LossOutput(recon + sparsity, recon, sparsity, zero, counts.sum() / B, counts > 0,
                               x_hat.detach(), nan)
@@ -247,7 +344,7 @@ class CrossCoder(torch.nn.Module):
         zero = xn.new_zeros(())
         sparsity = aux = zero
         if lam is not None:
-            sparsity = l1_penalty(Codes(f, rows, lat, B), self.decoder_norms(), lam)
+            sparsity = l1_penalty(Codes(f, rows, lat, B), self.sparsity_norms(), lam)
         if has_dead:
             aux = self.aux_loss(xn, x_hat.detach(), dead, pre_dead=pre_dead, dec_dead=dec_dead)
         loss = recon + sparsity if lam is not None else recon + self.cfg.aux_alpha * aux
@@ -295,7 +392,7 @@ class CrossCoder(torch.nn.Module):
             "b_dec": self.b_dec.detach().contiguous().cpu(),
             "scales": self.scales.detach().contiguous().cpu(),
         }
-        if self.cfg.kind == "batchtopk":
+        if self.cfg.sparsity == "batchtopk":
             tensors["threshold"] = self.threshold.detach().reshape(()).contiguous().cpu()
         atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
         self.weights_sha256 = file_sha256(out / "model.safetensors")  # what later stages record (runs.py)
@@ -311,7 +408,8 @@ class CrossCoder(torch.nn.Module):
 
         Refused with a :class:`CrossdiffError` naming the file: a config.json that does not parse, lacks a
         required key or holds NaN/inf; a model.safetensors that is not a safetensors file (garbage,
-        truncated), lacks a tensor or has the wrong shape or dtype; a NaN/inf weight (named). Sets
+        truncated), lacks a tensor or has the wrong shape or dtype; a NaN/inf weight (named); a shared or dfc
+        crosscoder whose weights break its tie or its zeros (:meth:`constraint_violations`). Sets
         ``weights_sha256``, the sha256 of model.safetensors, which identifies the crosscoder downstream."""
         p = Path(path)
         for name in ("config.json", "model.safetensors"):
@@ -345,6 +443,11 @@ class CrossCoder(torch.nn.Module):
             raise CrossdiffError(f"{st} holds NaN or inf weights: {counts}; this crosscoder cannot be used. Retrain it "
                                  "(training stops at a NaN loss and keeps the last good checkpoint)")
         model = cls(cfg, scales=sd["scales"], device=device, dtype=sd["W_enc"].dtype, seed=None)
+        broken = model.constraint_violations(sd["W_enc"], sd["W_dec"])
+        if broken:
+            raise CrossdiffError(f"{st} breaks the {cfg.kind} crosscoder's partition ({'; '.join(broken)}; layout: "
+                                 f"CrossCoderConfig.partition): the tool that wrote it did not keep the constraints. "
+                                 f"Retrain it with `crossdiff train --kind {cfg.kind}`, or fix the weights")
         with torch.no_grad():
             for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(model, k).copy_(sd[k])
@@ -359,3 +462,8 @@ class CrossCoder(torch.nn.Module):
         bad = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec", "scales")
                if not bool(torch.isfinite(getattr(self, k)).all())]
         return bad + (["threshold"] if bool(torch.isinf(self.threshold).any()) else [])
+
+
+def _sl(r: range) -> slice:
+    """The slice of a contiguous block of latents."""
+    return slice(r.start, r.stop)

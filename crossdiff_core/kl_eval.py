@@ -31,7 +31,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -214,29 +214,35 @@ def _batches(sequences: Sequence[Any], batch_size: int) -> list[list[Any]]:
 
 
 @torch.inference_mode()
-def kl_gap(pair: ModelPair, cc: CrossCoder, sequences: Sequence[Any], sets: Sequence[PatchSet],
-           cfg: KLConfig | None = None) -> KLResult:
+def kl_gap(pair: ModelPair, cc: CrossCoder | None, sequences: Sequence[Any], sets: Sequence[PatchSet],
+           cfg: KLConfig | None = None, *, patcher: Callable[[list[PatchSet]], Any] | None = None) -> KLResult:
     """Mean ``KL(p_chat || p_S)`` per set and token group over ``sequences`` (chat
     :class:`~crossdiff_core.data.TokenSequence`, formatted by the chat model's template).
 
     ``sets`` must include ``PatchSet("chat", chat=True)`` (it gives ``p_chat``); add ``PatchSet("base")``
     for the gap. Per batch: each model's first ``L + 1`` blocks once, then the later blocks of the chat
     model for every set, stacked on the batch dimension as far as ``cfg.max_logit_elements`` and
-    ``cfg.max_pass_tokens`` allow."""
+    ``cfg.max_pass_tokens`` allow. ``patcher``: builds, from the sets in evaluation order, what computes each
+    set's addition to ``h_b`` (``.deltas(x [N, 2, d]) -> [S, N, d]``); default the crosscoder's
+    :class:`~crossdiff_core.patch_sets.Patcher` (then ``cc`` may be None: the scoreboard's subspace patches)."""
     cfg = cfg or KLConfig()
     sets = list(sets)
+    if cc is None and patcher is None:
+        raise ConfigError("kl_gap needs a crosscoder or a patcher: what the sets add to the base activation")
     if not sequences:
         raise ConfigError("no conversations to evaluate on: pass held-out chat data (a `messages` column)")
     chat_idx = [k for k, s in enumerate(sets) if s.chat]
     if not chat_idx:
         raise ConfigError("the patch sets need the chat reference PatchSet('chat', chat=True): it gives p_chat")
-    if cc.cfg.d_model != pair.d_model:
+    if cc is not None and cc.cfg.d_model != pair.d_model:
         raise ModelMismatchError(f"the crosscoder has d_model={cc.cfg.d_model} but the models have "
                                  f"{pair.d_model}: use a crosscoder trained on these models' layer {pair.layer}")
     # the chat reference runs first: every other set's KL needs p_chat
     order = chat_idx[:1] + [k for k in range(len(sets)) if k != chat_idx[0]]
-    cc = cc.eval()
-    patcher = Patcher(cc, [sets[k] for k in order])
+    if patcher is None:
+        cc = cc.eval()
+        patcher = lambda ordered: Patcher(cc, ordered)  # noqa: E731
+    patcher = patcher([sets[k] for k in order])
     device, dtype, layer = pair.device, pair.dtype, pair.layer
     pad_id = pair.tokenizer.pad_token_id
     if pad_id is None:

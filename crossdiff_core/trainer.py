@@ -23,6 +23,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import CHECKPOINT, read_checkpoint, remove_partial, settings_differences, write_checkpoint
 from .config import from_dict, neutral, result_settings
 from .crosscoder import KINDS, CrossCoder, CrossCoderSettings
+from .crosscoder_config import DEFAULT_KINDS
 from .fileio import atomic_write
 from .errors import CacheError, CheckpointError, ConfigError, TrainingDivergedError
 from .metrics import _autocast, evaluate
@@ -54,7 +55,7 @@ class TrainConfig:
     progress: bool = neutral(True)  # progress bar
     keep_freed_memory: bool = neutral(True)  # CPU: reuse the step's freed [batch, F] pages (crossdiff_core.allocator)
     products: str = neutral("auto")  # the step's products: dense, sparse, or auto by code density (crossdiff_core.sparse_step)
-    kinds: tuple[str, ...] = neutral(KINDS)  # the pipeline trains one crosscoder of each kind (dvc.yaml's vars)
+    kinds: tuple[str, ...] = neutral(DEFAULT_KINDS)  # the pipeline trains one crosscoder of each kind (dvc.yaml's vars)
     nproc: int = neutral(1)  # > 1: data-parallel over this many processes with torchrun (crossdiff_core.distributed)
 
     def __post_init__(self) -> None:
@@ -223,7 +224,7 @@ class Trainer:
     def validate(self) -> dict:
         self.model.eval()
         has_thr = bool(torch.isfinite(self.model.threshold))
-        use_batch = self.model.cfg.kind == "batchtopk" and not has_thr
+        use_batch = self.model.cfg.sparsity == "batchtopk" and not has_thr
         m = evaluate(self.model, self._val_batches(), batch_topk=use_batch, autocast_dtype=self.compute_dtype)
         self.model.train()
         m["step"] = self.step
@@ -250,17 +251,17 @@ class Trainer:
             lrf = lr_factor(self.step, steps, cfg.warmup_frac, cfg.decay_frac)
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * lrf
-            dead = self.since_fired >= self.dead_after if model.cfg.kind == "batchtopk" else None
+            dead = self.since_fired >= self.dead_after if model.cfg.sparsity == "batchtopk" else None
             l1 = model.cfg.l1_coeff * l1_factor(self.step, steps, cfg.l1_warmup_frac)
             out = self._optimise(x, l1_coeff=l1, dead=dead)
             loss = out.loss
             with torch.no_grad():
                 self._note_fired(out.fired, x.shape[0])
-                if model.cfg.kind == "batchtopk" and self.step >= warm_steps:
+                if model.cfg.sparsity == "batchtopk" and self.step >= warm_steps:
                     model.update_threshold(out.min_kept_score, decay)
             self.step += 1
             last = {"loss": loss.item(), "l0": float(out.l0)}
-            if model.cfg.kind == "batchtopk" and dead is not None:
+            if model.cfg.sparsity == "batchtopk" and dead is not None:
                 last["dead"] = float(dead.float().mean())
             if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == steps:
                 m = self.validate()
@@ -296,7 +297,8 @@ def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Te
                       step: int = 0, out_path: Path | None = None, loss_fn: Callable | None = None,
                       products: str | None = None):
     """One Adam step on ``x [batch, 2, d]``: loss (autocast to ``compute_dtype``), NaN guard, backward,
-    clipping. Returns the :class:`~crossdiff_core.crosscoder.LossOutput` (loss as float32).
+    clipping, and the partitioned kinds' constraints re-asserted after the step
+    (:meth:`~crossdiff_core.crosscoder.CrossCoder.enforce_constraints`). Returns the :class:`~crossdiff_core.crosscoder.LossOutput` (loss as float32).
     ``loss_fn`` (default ``model.loss``) lets a DistributedDataParallel wrapper compute the loss; ``products``
     (dense, sparse, None/auto) is passed to it (:meth:`~crossdiff_core.crosscoder.CrossCoder.loss`)."""
     with _autocast(x.device, compute_dtype):
@@ -316,6 +318,7 @@ def optimisation_step(model: CrossCoder, opt: torch.optim.Optimizer, x: torch.Te
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     opt.step()
+    model.enforce_constraints()
     return out._replace(loss=loss)
 
 

@@ -24,8 +24,8 @@ T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
 # params.yaml's sections, in its order; flows/sections.py gives each its dataclass (tests/test_config.py
 # checks that the two agree)
-SECTION_NAMES = ("paths", "models", "locate", "data", "cache", "train", "analyze", "evaluate", "steer", "report",
-                 "tracking")
+SECTION_NAMES = ("paths", "models", "locate", "data", "cache", "train", "analyze", "evaluate", "steer", "scoreboard",
+                 "report", "tracking")
 
 
 # ---- the sections every stage reads ------------------------------------------------------------------
@@ -41,6 +41,7 @@ class PathsConfig:
     analysis: str = "artifacts/analysis"  # latents.parquet, summary and plots per kind
     evaluate: str = "artifacts/evaluate"  # the KL gap per kind
     steer: str = "artifacts/steer"  # steering results per kind
+    scoreboard: str = "artifacts/scoreboard"  # every method scored against the behaviours, and the lens it scored
     report: str = "artifacts/report"  # the HTML report, its figures and numbers
     metrics: str = "metrics"  # DVC metrics: one JSON per stage
 

@@ -1,5 +1,5 @@
 """The whole pipeline as one Prefect flow: models, the layer sweep (locate), cache, then per crosscoder kind
-training, analysis, evaluation and steering, then the report; one MLflow parent run with a child run per stage.
+training, analysis, evaluation and steering, then the scoreboard and the report; one MLflow parent run with a child run per stage.
 
 Each stage resumes or skips what is already done (complete toy build, complete cache shards, training
 checkpoints); ``dvc repro`` is the way to rerun exactly what changed. ``python -m flows.pipeline
@@ -18,6 +18,7 @@ from flows.common import DEFAULT_PARAMS, Layout, cli, load_params
 from flows.evaluate import evaluate_flow
 from flows.locate import locate_flow
 from flows.report import report_flow
+from flows.scoreboard import scoreboard_flow
 from flows.sections import read_all
 from flows.steer import steer_flow
 from flows.toy_models import toy_models_flow
@@ -42,6 +43,7 @@ def pipeline_flow(params_file: str = DEFAULT_PARAMS) -> dict:
             analyze_flow(kind, params_file)
             evaluate_flow(kind, params_file)
             steer_flow(kind, params_file)
+        scoreboard_flow(params_file)
         report = report_flow(params_file)
     finally:
         if before is None:

@@ -14,7 +14,7 @@ from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section
 from tasks import tracking
 from tasks.io import write_json
 from tasks.models import read_pair
-from tasks.products import KL_FILE, LATENTS, LOCATE, STEERING, TRACKING
+from tasks.products import KL_FILE, LATENTS, LOCATE, SCOREBOARD, STEERING, TRACKING
 from tasks.reporting import cards_task, report_task
 
 CARDS = "cards"
@@ -52,8 +52,11 @@ def report_flow(params_file: str = DEFAULT_PARAMS) -> dict:
         loc = L.locate / LOCATE  # the layer sweep (the locate stage runs before the cache)
         if loc.is_file():
             run.log_input("locate", loc, context="report")
+        board = L.scoreboard / SCOREBOARD
+        if board.is_file():
+            run.log_input("scoreboard", board, context="report")
         out = report_task(runs, str(L.report), title=cfg.title, ground_truth=gt,
-                          locate=str(loc) if loc.is_file() else None)
+                          locate=str(loc) if loc.is_file() else None, scoreboard=str(board) if board.is_file() else None)
         run.log_output("report", L.report)
         run.set_tags({"report.html": out["html"]})
         numbers = {"report": out["html"], "crosscoders": list(runs)}

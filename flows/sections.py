@@ -14,6 +14,7 @@ from crossdiff_core.caching import CacheConfig
 from crossdiff_core.data import DataConfig
 from crossdiff_core.kl_eval import EvaluateConfig
 from crossdiff_core.locate import LocateConfig
+from crossdiff_core.scoreboard import ScoreboardConfig
 from crossdiff_core.steering import SteerConfig
 from crossdiff_core.trainer import TrainConfig
 from flows.common import PathsConfig, TrackingConfig, section
@@ -22,7 +23,8 @@ from flows.toy_models import ModelsConfig
 
 SECTIONS: dict[str, type] = {"paths": PathsConfig, "models": ModelsConfig, "locate": LocateConfig, "data": DataConfig,
                              "cache": CacheConfig, "train": TrainConfig, "analyze": AnalysisConfig,
-                             "evaluate": EvaluateConfig, "steer": SteerConfig, "report": ReportConfig,
+                             "evaluate": EvaluateConfig, "steer": SteerConfig, "scoreboard": ScoreboardConfig,
+                             "report": ReportConfig,
                              "tracking": TrackingConfig}  # in flows.common.SECTION_NAMES' order (a test checks)
 
 

@@ -13,3 +13,5 @@ RECOMMENDED = "recommended.json"  # locate: the recommendation alone, the cache 
 KL_FILE = "kl.json"  # evaluate: the KL gap per latent set
 STEERING = "steering.json"  # steer: the steering results
 TRACKING = "tracking.parquet"  # steer: which latents track the behaviours
+SCOREBOARD = "scoreboard.json"  # scoreboard: every method scored against the known behaviours
+LENS_FILE = "lens.json"  # scoreboard: the activation-difference lens it scored (lens.safetensors beside it)

@@ -29,14 +29,15 @@ def cards_task(crosscoder_dir: str, latents: str, cache_dir: str, out: str, sett
 
 @task(name="build-report", cache_policy=NONE)
 def report_task(runs: dict[str, dict], out_dir: str, *, title: str, ground_truth: str | None,
-                locate: str | None = None) -> dict:
+                locate: str | None = None, scoreboard: str | None = None) -> dict:
     """``runs``: name -> paths (latents, kl, cards, steering, tracking, crosscoder). ``ground_truth``: the toy
     pair's (for the rates measured at build; the behaviours themselves come with the steering results).
-    ``locate``: the locate stage's JSON (the layer sweep section). Returns the output paths."""
+    ``locate``: the locate stage's JSON (the layer sweep section); ``scoreboard``: the scoreboard stage's JSON
+    (the "Scoreboard" section). Returns the output paths."""
     from crossdiff_core.report.inputs import load_run
     from crossdiff_core.report.page import build_report
 
     loaded = [load_run(name, p["latents"], **{k: p.get(k) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
               for name, p in runs.items()]
-    paths = build_report(loaded, out_dir, title=title, behaviours=ground_truth, locate=locate)
+    paths = build_report(loaded, out_dir, title=title, behaviours=ground_truth, locate=locate, scoreboard=scoreboard)
     return {k: str(v) for k, v in paths.items()}

@@ -11,7 +11,8 @@ import yaml
 
 from crossdiff_core.cli import app
 from crossdiff_core.config import defaults, from_dict, nested, result_fields, result_settings
-from crossdiff_core.crosscoder import KINDS, CrossCoder, CrossCoderConfig, CrossCoderSettings
+from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig, CrossCoderSettings
+from crossdiff_core.crosscoder_config import DEFAULT_KINDS
 from crossdiff_core.errors import ConfigError
 from crossdiff_core.trainer import TrainConfig
 from flows.common import SECTION_NAMES, load_params, section
@@ -33,13 +34,16 @@ PROFILE = {
     "report.cards.max_chat_only": "the demo's report shows at most 64 chat-only cards; the library default is all",
 }
 # settings a stage reads from another stage's section (dvc.yaml lists them with the stage)
-BORROWED = {"steer": {"evaluate.chats", "evaluate.messages_column"}}
+BORROWED = {"steer": {"evaluate.chats", "evaluate.messages_column"},
+            # the scoreboard's KL gap and lens prompts are the held-out conversations; its lens text is the cached text
+            "scoreboard": {"train.kinds", "evaluate.chats", "evaluate.messages_column", "evaluate.split",
+                           "evaluate.tokens", "evaluate.max_length", "evaluate.seed", "data.text", "data.text_column"}}
 # fields the library and the CLI take but the pipeline does not: it reads the behaviour spec from pair.json
 # (models.behaviours, stated once), so params.yaml leaves them out and dvc.yaml tracks the models stage instead
 FROM_PAIR = {"locate": {"locate.behaviours"}, "steer": {"steer.behaviours"}}
 # dvc.yaml stage -> the params.yaml section its config dataclass reads
 STAGE_SECTION = {"toy_models": "models", "locate": "locate", "cache": "cache", "train": "train", "analyze": "analyze",
-                 "evaluate": "evaluate", "steer": "steer", "report": "report"}
+                 "evaluate": "evaluate", "steer": "steer", "scoreboard": "scoreboard", "report": "report"}
 
 
 def _yaml(name: str) -> dict:
@@ -165,17 +169,17 @@ def _expand(names: set[str]) -> set[str]:
 
 def test_dvc_params_are_the_result_changing_settings():
     dvc = _yaml("dvc.yaml")
-    knobs = dvc["vars"][0]["kinds"]
+    knobs = dvc["vars"][0]["kinds"]  # the kinds the pipeline trains (shared and dfc: `crossdiff train` only)
     by_kind = {f.metadata["kind"]: f"train.crosscoder.{f.name}" for f in dataclasses.fields(CrossCoderSettings)
-               if "kind" in f.metadata}
-    assert knobs == by_kind and set(knobs) == set(KINDS)
+               if f.metadata.get("kind") in DEFAULT_KINDS}
+    assert knobs == by_kind and set(knobs) == set(DEFAULT_KINDS)
     for stage, section in STAGE_SECTION.items():
         spec = dvc["stages"][stage]
         want = ({f"{section}.{f}" for f in result_fields(SECTIONS[section])} - FROM_PAIR.get(stage, set())
                 | BORROWED.get(stage, set()))
         if stage == "cache":
             want |= {f"data.{f}" for f in result_fields(SECTIONS["data"])}
-        for kind in (KINDS if "foreach" in spec else [None]):
+        for kind in (DEFAULT_KINDS if "foreach" in spec else [None]):
             got = _expand(_dvc_params(spec["do"] if kind else spec, knobs.get(kind)))
             own = want - {k for other, k in knobs.items() if other != kind} if kind else want
             assert got == own, f"{stage}@{kind}: dvc.yaml lacks {sorted(own - got)}, has extra {sorted(got - own)}"

@@ -35,9 +35,9 @@ COPY = ("crossdiff_core", "flows", "tasks", "dvc.yaml", "params.yaml", "params-p
 GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
           "GIT_COMMITTER_EMAIL": "test@example.com"}
 STAGES = {"toy_models", "locate", "cache", "train@l1", "train@batchtopk", "analyze@l1", "analyze@batchtopk", "evaluate@l1",
-          "evaluate@batchtopk", "steer@l1", "steer@batchtopk", "report"}
+          "evaluate@batchtopk", "steer@l1", "steer@batchtopk", "scoreboard", "report"}
 BEFORE_CACHE = {"toy_models", "locate"}  # done before the first run is killed in the cache stage
-AFTER_K = {"train@batchtopk", "analyze@batchtopk", "evaluate@batchtopk", "steer@batchtopk", "report"}
+AFTER_K = {"train@batchtopk", "analyze@batchtopk", "evaluate@batchtopk", "steer@batchtopk", "scoreboard", "report"}
 
 # a toy pair that builds in seconds (the planted behaviours are not learnt at this size)
 MICRO_TOY = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
@@ -60,6 +60,7 @@ def micro(params: dict) -> dict:
     params["evaluate"].update(tokens=1500, max_length=64, n_random=2)
     params["steer"].update(max_prompts=12, max_new_tokens=4, n_top=2, n_tracking=1, n_shared=1, alphas=[0.5, 1.0],
                            batch_size=16)
+    params["scoreboard"].update(n_directions=3, alphas=[1.0], max_prompts=12, max_new_tokens=4, lens_sequences=30)
     params["report"]["cards"].update(n_contexts=2, n_shared=2, max_chat_only=4, batch_size=1024)
     return params
 
@@ -197,7 +198,13 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
     shown = json.loads(logs["metrics"])
     metrics = next(iter(shown.values()))["data"]
     assert {"metrics/train_l1.json", "metrics/train_batchtopk.json", "metrics/cache.json", "metrics/report.json",
-            "metrics/locate.json"} <= set(metrics)
+            "metrics/locate.json", "metrics/scoreboard.json"} <= set(metrics)
+    board = metrics["metrics/scoreboard.json"]["data"]  # every method, the same numbers for each
+    assert set(board) == {"l1_dnorm", "l1_nu", "batchtopk_dnorm", "batchtopk_nu", "lens", "random"}
+    for m in board.values():
+        assert 0 <= m["refusal"]["auroc"] <= 1 and {"steer_base", "steer_chat"} <= set(m["refusal"])
+    assert '<h2 id="scoreboard">Scoreboard</h2>' in (ws / "artifacts/report/report.html").read_text()
+    assert (ws / "artifacts/scoreboard/lens.safetensors").is_file()
     assert metrics["metrics/locate.json"]["data"]["recommended_layer"] == 0  # two blocks: block 0 is the candidate
     assert (ws / "artifacts/locate/locate.png").is_file()
     assert metrics["metrics/train_batchtopk.json"]["data"]["k"] == 6  # the experiment's crosscoder
@@ -270,6 +277,8 @@ def test_mlflow_runs_and_lineage(pipeline):
         if r.data.tags.get("crossdiff.kind") == "stage" and r.info.status == "FINISHED":
             children.setdefault(r.data.tags["dvc.stage"], []).append(r)
     assert set(children) == STAGES
+    methods = {r.data.tags.get("crossdiff.method") for r in children["scoreboard"]} - {None}  # a run per method
+    assert {"l1_dnorm", "batchtopk_nu", "lens", "random"} <= methods
     # the stages of one dvc invocation share one parent
     repro2 = {r.data.tags["mlflow.parentRunId"] for s in STAGES - BEFORE_CACHE - AFTER_K for r in children[s]}
     assert len(repro2) == 1

@@ -408,3 +408,35 @@ def test_steering_takes_the_top_chat_latents_when_nothing_is_chat_only():
     chosen = choose_latents(t, n_top=3, n_shared=0)
     assert [c["latent"] for c in chosen] == [5, 6, 0]  # equal ν rank: by latent id
     assert chosen[2]["reasons"] == ["chat_rank"]
+
+
+def _board_method(name, family, auroc, steer, gap):
+    """A hand-built scoreboard record: one behaviour (refusal), steering ``{model: (unsteered, best, a)}``."""
+    return {"name": name, "family": family, "description": f"{name} directions", "labels": [f"{name} 0", f"{name} 1"],
+            "latents": [3, 5] if family == "crosscoder" else None, "norms": [1.0, 1.0],
+            "top_tokens": [{"label": f"{name} 0", "top": [{"token": "Sorry"}, {"token": " no"}], "bottom": []}],
+            "gap_closed": {"first9": gap, "response": gap / 2, "template": 0.0}, "kl": {},
+            "behaviours": {"refusal": {"auroc": auroc, "aurocs": [auroc, 0.5], "best": 0, "best_label": f"{name} 0",
+                                       "steer": {m: {"unsteered": u, "best": b, "best_alpha": a, "runs": []}
+                                                 for m, (u, b, a) in steer.items()}}}}
+
+
+def test_scoreboard_section_names_the_best_method_against_the_floor(analysed, tmp_path):
+    board = {"format_version": 1, "layer": 2, "n_directions": 2, "behaviours": ["refusal"], "n_prompts": 40,
+             "kl_tokens": {"response": 400}, "kl_sequences": 12, "config": {"alphas": [1.0, 2.0], "models": ["base", "chat"]},
+             "methods": [_board_method("l1_dnorm", "crosscoder", 0.97, {"base": (0.0, 0.1, 2.0), "chat": (0.5, 0.9, 1.0)}, 0.4),
+                         _board_method("lens", "lens", 0.8, {"base": (0.0, 0.0, 1.0), "chat": (0.5, 0.6, 2.0)}, 0.6),
+                         _board_method("random", "random", 0.55, {"base": (0.0, 0.0, 1.0), "chat": (0.5, 0.5, 1.0)}, 0.02)]}
+    board["rows"] = [{"method": m["name"], "behaviour": "refusal"} for m in board["methods"]]
+    path = tmp_path / "scoreboard.json"
+    path.write_text(json.dumps(board))
+    run = RunInputs("L1", _nothing_chat_only(), analysed[2].summary)
+    paths = build_report([run], tmp_path / "rep", scoreboard=str(path))
+    page = paths["html"].read_text()
+    assert '<h2 id="scoreboard">Scoreboard</h2>' in page
+    s = json.loads(paths["json"].read_text())["scoreboard"]["sentences"][0]
+    assert s.startswith("refusal: best detected by l1_dnorm (l1_dnorm 0, AUROC 0.97; random directions 0.55)")
+    assert "steering l1_dnorm's best direction raised it most in the chat model: 50% → 90% of all prompts at a = 1" in s
+    assert "(random: +0%)" in s and "in the base model: 0% → 10%" in s
+    assert page.count('<tr><td class="l">refusal</td>') == 3  # a row per method
+    assert "40%" in page and "latents 3, 5" in page and "&#39;Sorry&#39;" in page

@@ -14,6 +14,7 @@ from ..data import DataConfig
 from ..kl_eval import EvaluateConfig
 from ..organism import OrganismConfig
 from ..report.page import TITLE
+from ..scoreboard import ScoreboardConfig
 from ..steering import SteerConfig
 from ..trainer import TrainConfig
 
@@ -24,6 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="crossdiff: d
 TRAIN, CROSSCODER, ANALYZE = defaults(TrainConfig), defaults(CrossCoderSettings), defaults(AnalysisConfig)
 DATA, CACHE, EVALUATE = defaults(DataConfig), defaults(CacheConfig), defaults(EvaluateConfig)
 STEER, CARDS, ORGANISM = defaults(SteerConfig), defaults(CardsConfig), defaults(OrganismConfig)
+SCOREBOARD = defaults(ScoreboardConfig)
 
 
 # options several commands take with the same meaning (a fresh OptionInfo per command)
@@ -63,18 +65,23 @@ def _fail(err: Exception) -> None:
 
 
 def _not_for_kind(ctx: typer.Context, kind: str) -> None:
-    """Refuse an option given on the command line that the crosscoder ``kind`` has no use for (``--k`` for
-    L1, ``--l1-coeff`` for BatchTopK: the field metadata ``kind`` of :class:`CrossCoderSettings`); it would
-    be silently dropped, or recorded in config.json as if it had mattered."""
+    """Refuse an option given on the command line that a ``kind`` crosscoder has no use for (``--k`` for the L1
+    family, ``--l1-coeff`` for the BatchTopK family, ``--shared-*`` but for shared, ``--dfc-exclusive`` but for
+    dfc: the field metadata ``kind`` of :class:`CrossCoderSettings`, read by
+    :func:`~crossdiff_core.crosscoder_config.knob_applies`); it would be silently dropped, or recorded in
+    config.json as if it had mattered."""
     import dataclasses
 
+    from ..crosscoder_config import KINDS, knob_applies
     from ..errors import ConfigError
 
+    if kind not in KINDS:
+        raise ConfigError(f"unknown crosscoder kind {kind!r}: --kind takes one of {', '.join(KINDS)}")
     for f in dataclasses.fields(CrossCoderSettings):
         owner = f.metadata.get("kind")
         # by name: typer vendors its own click, whose ParameterSource is another enum than click's
         given = getattr(ctx.get_parameter_source(f.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
-        if owner and owner != kind and given:
+        if given and not knob_applies(owner, kind):
             raise ConfigError(f"--{f.name.replace('_', '-')} applies to {owner} crosscoders only, not to --kind {kind}: "
                               "leave it out")
 

@@ -1,10 +1,10 @@
-"""`crossdiff evaluate`, `steer`, `report`: what the latents do to the models, and the page comparing crosscoders."""
+"""`crossdiff evaluate`, `steer`, `scoreboard`, `report`: what the latents do to the models, and the page comparing crosscoders."""
 
 from __future__ import annotations
 
 import typer
 
-from .common import (EVALUATE, STEER, TITLE, EvaluateConfig, SteerConfig, _alphas, _allow_mismatch_opt, _base_opt,
+from .common import (EVALUATE, SCOREBOARD, STEER, TITLE, EvaluateConfig, SteerConfig, _alphas, _allow_mismatch_opt, _base_opt,
                      _chat_opt, _crosscoder_opt, _fail, _latents_opt, _layer_opt, _named, app)
 
 
@@ -108,6 +108,56 @@ def steer(
 
 
 @app.command()
+def scoreboard(
+    crosscoder: list[str] = typer.Option(..., help="NAME=crosscoder directory per crosscoder (repeatable; all from one cache)"),
+    latents: list[str] = typer.Option(..., help="NAME=latents.parquet for each --crosscoder NAME (crossdiff analyze)"),
+    behaviours: str = typer.Option(..., help="behaviour spec: behaviours.yaml/.json (README 'Behaviour specs') or a toy pair's ground_truth.json"),
+    chats: list[str] = typer.Option(..., help="held-out chat data (a `messages` column): the KL gap, and the lens's chat prompts; repeatable"),
+    out: str = typer.Option(..., help="output JSON: every method's scores (FILE.lens.json and .safetensors: the lens it scored)"),
+    text: list[str] = typer.Option(None, help="plain-text data (a `text` column) for the lens; repeatable"),
+    n_directions: int = typer.Option(SCOREBOARD["n_directions"], help="N: each method's top-N directions"),
+    alphas: str = typer.Option(",".join(f"{a:g}" for a in SCOREBOARD["alphas"]), help="comma-separated steering scales a (x the model's mean norm)"),
+    max_prompts: int = typer.Option(SCOREBOARD["max_prompts"], help="behaviour prompts used (each behaviour keeps its share); 0: all"),
+    max_new_tokens: int = typer.Option(SCOREBOARD["max_new_tokens"], help="tokens generated per steered answer"),
+    tokens: int = typer.Option(EVALUATE["tokens"], help="conversation tokens of the KL gap"),
+    max_length: int = typer.Option(EVALUATE["max_length"], help="tokens per conversation, BOS included"),
+    seed: int = typer.Option(SCOREBOARD["seed"], help="seed of the random directions and the prompt subsample"),
+    batch_size: int = typer.Option(SCOREBOARD["batch_size"], help="prompts per batch"),
+    dtype: str = typer.Option(SCOREBOARD["dtype"], help="model dtype"),
+    device: str = typer.Option(SCOREBOARD["device"], help="torch device: cpu, cuda or auto"),
+    progress: bool = typer.Option(SCOREBOARD["progress"], help="show progress bars"),
+) -> None:
+    """Score every method (each crosscoder by Δnorm and by ν, the activation-difference lens, random directions)
+    the same way against known behaviours: detection AUROC, steering of the base and chat model, KL gap closed."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ConfigError, CrossdiffError
+
+    try:
+        from ..diff_lens import write_lens
+        from ..fileio import write_json
+        from ..scoreboard import ScoreboardConfig, build_scoreboard, headline
+
+        ccs, lats = _named(crosscoder, "--crosscoder"), _named(latents, "--latents")
+        if set(ccs) != set(lats):
+            raise ConfigError(f"--crosscoder names {sorted(ccs)} and --latents names {sorted(lats)} must be the same")
+        cfg = ScoreboardConfig(n_directions=n_directions, alphas=_alphas(alphas), max_prompts=max_prompts or None,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, dtype=dtype,
+                               device=device, progress=progress)
+        ev = EvaluateConfig(chats=list(chats), tokens=tokens, max_length=max_length, seed=seed, dtype=dtype,
+                            device=device, progress=progress)
+        board, lens, tensors = build_scoreboard({k: (ccs[k], lats[k]) for k in ccs}, behaviours=behaviours,
+                                                evaluate=ev, text=list(text or []), cfg=cfg)
+        if lens:
+            write_lens(lens, tensors, Path(out).with_suffix(".lens.json"))
+        write_json(board, out)
+    except CrossdiffError as err:
+        _fail(err)
+    typer.echo(json.dumps(headline(board), indent=1))
+
+
+@app.command()
 def report(
     out: str = typer.Option(..., help="output directory: report.html, report.json, kl_gap.json, figures/"),
     latents: list[str] = typer.Option(..., help="NAME=latents.parquet per crosscoder, in display order (repeatable)"),
@@ -121,6 +171,7 @@ def report(
     title: str = typer.Option(TITLE, help="page title"),
     allow_mismatch: bool = typer.Option(False, help="combine products of different crosscoders in one run deliberately (the weights-hash checks are skipped)"),
     locate: str = typer.Option(None, help="a `crossdiff locate` JSON: the layer sweep, with the recommended and the cached block marked"),
+    scoreboard: str = typer.Option(None, help="a `crossdiff scoreboard` JSON: the Scoreboard section"),
 ) -> None:
     """One self-contained HTML page comparing crosscoders, plus PNG figures and JSON numbers."""
     import json
@@ -141,7 +192,7 @@ def report(
         runs = [load_run(name, path, allow_mismatch=allow_mismatch,
                          **{k: named[k].get(name) for k in ("kl", "cards", "steering", "tracking", "crosscoder")})
                 for name, path in named["latents"].items()]
-        paths = build_report(runs, out, title=title, behaviours=behaviours, locate=locate)
+        paths = build_report(runs, out, title=title, behaviours=behaviours, locate=locate, scoreboard=scoreboard)
     except CrossdiffError as err:
         _fail(err)
     numbers = json.loads(paths["json"].read_text())

@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..behaviour_tracking import rank_trackers, tracking_summary
 from ..behaviours import BehaviourSpec, load_behaviours, rules
+from ..crosscoder_config import SPARSITY
 from ..decoder_norms import CLASSES
 from ..errors import CrossdiffError
 from ..fileio import atomic_write
@@ -35,6 +36,7 @@ from .figures import plot_all, plot_class_counts, plot_dead_history, plot_kl_gap
 from .inputs import RunInputs
 from .layers import layer_sweep
 from .numbers import fmt, kl_table, num, pct, report_numbers
+from .scoreboard import scoreboard_section
 
 TITLE = "crossdiff report"  # the page title unless one is given
 
@@ -111,7 +113,7 @@ def _overview(r: RunInputs) -> dict:
     f = s.get("filters", {})
     m = r.metrics or {}
     return {"name": r.name, "kind": cc.get("kind"), "dict_size": cc.get("dict_size"),
-            "k": cc.get("k") if cc.get("kind") == "batchtopk" else cc.get("l1_coeff"),
+            "k": cc.get("k") if SPARSITY.get(cc.get("kind")) == "batchtopk" else cc.get("l1_coeff"),
             "fve_base": fmt(m.get("fve_base")), "fve_chat": fmt(m.get("fve_chat")), "l0": fmt(m.get("l0")),
             "dead": s.get("dead"), "classes": s.get("classes", {}),
             "survivors": " / ".join(str(f.get(k, {}).get("survivors", "")) for k in ("fixed", "data_driven", "both")),
@@ -176,13 +178,15 @@ def _behaviour_section(runs: Sequence[RunInputs], spec: Any, rates: dict | None,
 
 
 def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title: str = TITLE,
-                 subtitle: str = "", behaviours: Any = None, locate: Any = None) -> dict[str, Path]:
+                 subtitle: str = "", behaviours: Any = None, locate: Any = None, scoreboard: Any = None
+                 ) -> dict[str, Path]:
     """Write ``report.html`` (self-contained), ``figures/*.png``, ``report.json`` (numbers) and
     ``kl_gap.json`` (one record per crosscoder, set and token group: DVC plots) into ``out_dir``.
     ``behaviours``: the behaviour spec (a :class:`~crossdiff_core.behaviours.BehaviourSpec`, a path
     :func:`~crossdiff_core.behaviours.load_behaviours` reads, or a ground-truth dict); default: the
     behaviours each run's steering measured. ``locate``: a ``crossdiff locate`` JSON (path or dict): the
-    layer-sweep section (:mod:`.layers`) and ``layer_sweep`` in report.json."""
+    layer-sweep section (:mod:`.layers`) and ``layer_sweep`` in report.json. ``scoreboard``: the scoreboard
+    stage's ``scoreboard.json`` (path or dict): the "Scoreboard" section (:mod:`.scoreboard`)."""
     if not runs:
         raise CrossdiffError("no crosscoders to report on: pass at least one --latents NAME=PATH")
     names = [r.name for r in runs]
@@ -223,11 +227,16 @@ def build_report(runs: Sequence[RunInputs], out_dir: str | os.PathLike, *, title
         numbers["layer_sweep"] = sweep["numbers"]
         sweep = {"png": _b64(sweep["png"]), "sentence": sweep["sentence"], "rule": sweep["numbers"]["rule"]}
     behaviours = _behaviour_section(runs, behaviours, rates, numbers)
+    if isinstance(scoreboard, (str, os.PathLike)):
+        scoreboard = json.loads(Path(scoreboard).read_text())
+    board = scoreboard_section(scoreboard)
+    if board is not None:
+        numbers["scoreboard"] = {"rows": scoreboard["rows"], "sentences": board["sentences"]}
     cards = [c for r in runs for c in _card_rows(r)]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = env.from_string(_template()).render(
         title=title, subtitle=subtitle or " vs ".join(names), classes=CLASSES, categories=CATEGORIES,
-        overview=[_overview(r) for r in runs], changed=[_changed(r, numbers) for r in runs], figs=figs, per_run=per_run, behaviours=behaviours, cards=cards, sweep=sweep,
+        overview=[_overview(r) for r in runs], changed=[_changed(r, numbers) for r in runs], figs=figs, per_run=per_run, behaviours=behaviours, cards=cards, sweep=sweep, board=board,
         f=fmt, pct=pct, generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         inputs="; ".join(f"{r.name}: " + ", ".join(f"{k}={v}" for k, v in r.paths.items()) for r in runs))
     paths = {"html": out / "report.html", "json": out / "report.json", "kl_plot": out / "kl_gap.json"}

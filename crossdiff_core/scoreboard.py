@@ -1,0 +1,451 @@
+"""The scoreboard (issue 13): every diffing method scored against the known behaviours the same way.
+
+A *method* proposes ``N`` directions in block ``L``'s residual space (the chat model's units), most
+promising first:
+
+- ``<kind>_dnorm``: a crosscoder's ``N`` most chat-specific live latents (:func:`~crossdiff_core.chat_rank.chat_ranking`:
+  Δnorm, then ν), each as its chat decoder row ``s_c W_dec[1, j]``;
+- ``<kind>_nu``: its chat-only latents by ν rank (``latents.parquet``'s ``nu_rank``), filled up from the
+  Δnorm ranking when fewer than ``N`` are chat-only;
+- ``lens``: the activation-difference lens at ``L`` (:mod:`crossdiff_core.diff_lens`): each source's ``δ_L``,
+  then its per-position ``δ_{L,p}``, largest first;
+- ``random``: ``N`` isotropic Gaussian directions (seeded): the floor every score is read against.
+
+Each method's directions ``u_1..u_N`` are scored on the behaviour spec's prompts and the held-out
+conversations with the same prompts, budgets and ``N``:
+
+1. **Detection.** A prompt's score for ``u`` is ``max_t ⟨h_chat,L[t], u/‖u‖⟩`` over its tokens (BOS excluded);
+   per behaviour ``b`` the AUROC of its trigger prompts against all others
+   (:func:`~crossdiff_core.behaviour_tracking.auroc`). The method's detection is the best of its ``N``;
+   that direction is the one steered.
+2. **Steering.** The best direction, scaled as the lens is, ``v = a · r_m · u/‖u‖`` (``r_m`` model ``m``'s mean
+   block-``L`` norm over the prompts' tokens), is added at every position while the base and the chat model
+   answer every prompt greedily, for each ``a``; the behaviour's rate over all prompts (triggers and others
+   pooled) at the best ``a`` is the headline, beside the unsteered rate (per model).
+3. **KL gap.** On the held-out conversations the chat model's block-``L`` output is replaced by
+   ``h_S = h_b + P_U (h_c − h_b)``, ``P_U`` the orthogonal projection onto the span of the method's ``N``
+   directions, and the chat model runs on (:func:`~crossdiff_core.kl_eval.kl_gap`): the share
+   ``1 − KL(p_chat‖p_S) / KL(p_chat‖p_base)`` of the gap closed, per token group (first 9 answer tokens,
+   every answer token, template tokens). The same patch for every method: a crosscoder's own latent patch
+   (the evaluate stage's sets) adds its codes instead, which no other method has.
+
+What each method says changed: the chat model's logit-lens reading (final norm and unembedding,
+:func:`~crossdiff_core.diff_lens.logit_lens`) of its first directions' top tokens, and for a crosscoder the
+latent ids (whose cards the report shows).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .behaviour_tracking import auroc
+from .behaviours import measure, rules
+from .chat_rank import top_chat
+from .config import from_dict, neutral
+from .crosscoder import CrossCoder
+from .decoder_norms import CHAT_ONLY
+from .diff_lens import DiffLensConfig, logit_lens, token_readings
+from .errors import ConfigError, CrossdiffError
+from .generation import pad_token_id, render_prompts
+from .kl_eval import CATEGORIES, KLConfig, kl_gap
+from .models import ModelPair
+from .patch_sets import PatchSet, nu_order
+from .steering import steering, subsample_prompts
+
+FORMAT_VERSION = 1
+RANKINGS = ("dnorm", "nu")
+MODELS = ("base", "chat")
+_LENS = DiffLensConfig()
+
+
+@dataclass
+class ScoreboardConfig:
+    """Settings of :func:`score_methods` (params.yaml ``scoreboard``): one protocol for every method."""
+
+    n_directions: int = 8  # N: each method's top-N directions, the same for every method
+    rankings: tuple[str, ...] = RANKINGS  # a crosscoder's latents ranked by Δnorm (dnorm) and/or ν (nu): a method each
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # steering scale a, in units of the steered model's mean block-L norm
+    models: tuple[str, ...] = MODELS  # which models the best directions steer
+    max_prompts: int | None = 60  # behaviour prompts (each behaviour keeps its share); None: all
+    max_new_tokens: int = 20  # tokens generated per steered answer
+    seed: int = 0  # the random directions and the prompt subsample
+    dtype: str = "float32"  # the models' dtype
+    # the lens's mean difference (defaults: DiffLensConfig's); the scoreboard steers its direction as every method's
+    lens_positions: int = _LENS.n_positions  # window tokens per sequence
+    lens_chat_window: str = _LENS.chat_window  # chat prompts: answer_start (last prompt tokens) or first
+    lens_sequences: int = _LENS.n_sequences  # at most this many text documents and chat prompts per source
+    lens_top_k: int = _LENS.top_k  # tokens in each of the lens's own logit-lens readings (lens.json)
+    batch_size: int = neutral(32)  # prompts per forward / generation batch
+    device: str = neutral("cpu")  # torch device
+    progress: bool = neutral(True)  # progress bars
+
+    def __post_init__(self) -> None:
+        self.lens()  # the lens settings are checked where they live
+        if isinstance(self.n_directions, bool) or not isinstance(self.n_directions, int) or self.n_directions < 1:
+            raise ConfigError(f"scoreboard.n_directions must be an int >= 1, got {self.n_directions!r}")
+        self.rankings, self.models = tuple(self.rankings), tuple(self.models)
+        self.alphas = tuple(float(a) for a in self.alphas)
+        bad = [r for r in self.rankings if r not in RANKINGS] + [m for m in self.models if m not in MODELS]
+        if bad or not self.rankings:
+            raise ConfigError(f"scoreboard.rankings must be a non-empty subset of {RANKINGS} and models of {MODELS}; "
+                              f"got {list(self.rankings)} and {list(self.models)}")
+        if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
+            raise ConfigError(f"scoreboard.alphas must be finite numbers (at least one), got {list(self.alphas)}")
+        if self.max_prompts is not None and (isinstance(self.max_prompts, bool) or self.max_prompts < 2):
+            raise ConfigError(f"scoreboard.max_prompts must be >= 2 or null (all), got {self.max_prompts!r}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("scoreboard.max_new_tokens and batch_size must be >= 1")
+
+    def lens(self, **data: Any) -> DiffLensConfig:
+        """The lens settings of the mean difference (``data``: its data columns and split); no steering of its own."""
+        return DiffLensConfig(n_positions=self.lens_positions, chat_window=self.lens_chat_window,
+                              n_sequences=self.lens_sequences, top_k=self.lens_top_k, alphas=(), seed=self.seed,
+                              dtype=self.dtype, batch_size=self.batch_size, device=self.device, progress=self.progress,
+                              **data)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, section: str = "scoreboard") -> "ScoreboardConfig":
+        """From params.yaml's ``scoreboard`` section; unknown keys are an error."""
+        return from_dict(cls, d, section=section)
+
+
+class Method(NamedTuple):
+    """One method's proposals."""
+
+    name: str  # e.g. l1_dnorm, batchtopk_nu, lens, random
+    family: str  # crosscoder, lens or random
+    directions: torch.Tensor  # [n, d] float32, block-L residual space, the chat model's units; best first
+    labels: list[str]  # one per direction (latent 17, δ chat, δ chat p2, random 3)
+    latents: list[int] | None  # a crosscoder's latent ids (None for the others)
+    description: str
+
+
+# ---- the methods --------------------------------------------------------------------------------------
+
+def chat_directions(cc: CrossCoder, latents: Sequence[int]) -> torch.Tensor:
+    """``s_c W_dec[1, j]`` for each latent: ``[n, d]`` float32 (the chat model's units)."""
+    idx = torch.as_tensor(np.asarray(latents, dtype=np.int64), device=cc.W_dec.device)
+    return (cc.scales[1].float() * cc.W_dec.detach()[1, idx].float()).cpu()
+
+
+def crosscoder_methods(cc: CrossCoder, table: pd.DataFrame, kind: str, n: int,
+                       rankings: Sequence[str] = RANKINGS) -> list[Method]:
+    """A crosscoder's methods: its top ``n`` live latents by each ranking in ``rankings`` (module docstring)."""
+    out = []
+    for r in rankings:
+        if r == "dnorm":
+            lat = [int(j) for j in top_chat(table, n)]
+            what = "the most chat-specific live latents (Δnorm, then ν)"
+        else:
+            co = table[(table["class"] == CHAT_ONLY) & np.isfinite(table["max_act"].to_numpy(dtype=float))]
+            lat = [int(j) for j in nu_order(co)][:n]
+            lat += [int(j) for j in top_chat(table, n + len(lat)) if int(j) not in lat][: n - len(lat)]
+            what = "the chat-only latents by ν rank, filled up by Δnorm"
+        if not lat:
+            continue  # no live latent: nothing to propose
+        out.append(Method(f"{kind}_{r}", "crosscoder", chat_directions(cc, lat), [f"latent {j}" for j in lat], lat,
+                          f"{kind} crosscoder: {what}"))
+    return out
+
+
+def lens_method(tensors: Mapping[str, torch.Tensor], layer: int, n: int) -> Method | None:
+    """The lens's directions at block ``layer`` from :func:`~crossdiff_core.diff_lens.lens_pair`'s tensors:
+    each source's ``δ_L`` (chat first), then the per-position ``δ_{L,p}`` of both, largest first; zero
+    vectors (identical models) left out. None when nothing is left."""
+    pooled, per = [], []
+    for src in ("chat", "text"):
+        if f"{src}/delta" not in tensors:
+            continue
+        pooled.append((f"δ {src}", tensors[f"{src}/delta"][layer].float()))
+        pp = tensors[f"{src}/delta_per_position"][layer].float()  # [n_positions, d]
+        per += [(f"δ {src} p{p}", pp[p]) for p in range(pp.shape[0])]
+    per.sort(key=lambda t: -float(t[1].norm()))
+    keep = [(lab, v) for lab, v in pooled + per if float(v.norm()) > 0][:n]
+    if not keep:
+        return None
+    return Method("lens", "lens", torch.stack([v for _, v in keep]), [lab for lab, _ in keep], None,
+                  "activation-difference lens: mean chat − base at the layer (pooled, then per position)")
+
+
+def random_method(d: int, n: int, seed: int = 0) -> Method:
+    """``n`` isotropic Gaussian directions in ``d`` dimensions (seeded): the control."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    return Method("random", "random", torch.randn(n, d, generator=g, dtype=torch.float64).float(),
+                  [f"random {i}" for i in range(n)], None, f"{n} random directions (seed {seed}): the floor")
+
+
+# ---- detection ----------------------------------------------------------------------------------------
+
+def unit(directions: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to norm 1 (a zero row stays zero): ``[n, d]`` float32."""
+    d = directions.double()
+    n = d.norm(dim=1, keepdim=True)
+    return torch.where(n > 0, d / n.clamp_min(1e-300), torch.zeros_like(d)).float()
+
+
+@torch.inference_mode()
+def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor, *, batch_size: int = 32
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Each prompt's largest projection ``max_t ⟨h_chat,L[t], u⟩`` on each direction ``U [K, d]`` (unit rows)
+    over its rendered tokens (BOS excluded): ``[P, K]`` float32; and each model's mean block-L norm over those
+    tokens (``{"base": r_b, "chat": r_c}``, the steering scale)."""
+    rows, pad = render_prompts(pair.tokenizer, prompts), pad_token_id(pair.tokenizer)
+    bos = pair.tokenizer.bos_token_id
+    Ud = U.to(device=pair.device, dtype=torch.float32)
+    out = torch.empty(len(rows), U.shape[0], dtype=torch.float32)
+    norm_sum, n_tok = torch.zeros(2, dtype=torch.float64), 0
+    for a in range(0, len(rows), batch_size):
+        chunk = rows[a:a + batch_size]
+        T = max(map(len, chunk))
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        attn = torch.zeros(len(chunk), T, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.as_tensor(r)
+            attn[i, :len(r)] = 1
+        h_b, h_c = pair.residuals(ids.to(pair.device), attn.to(pair.device))  # [B, T, d] each
+        m = (attn.bool() & (ids != bos)) if bos is not None else attn.bool()
+        m = m.to(h_c.device)
+        proj = h_c.float() @ Ud.T  # [B, T, K]
+        proj = proj.masked_fill(~m[..., None], float("-inf"))
+        out[a:a + len(chunk)] = proj.amax(1).cpu()
+        norm_sum += torch.stack([h_b.float()[m].norm(dim=-1).double().sum(), h_c.float()[m].norm(dim=-1).double().sum()]).cpu()
+        n_tok += int(m.sum())
+    r = (norm_sum / max(1, n_tok)).tolist()
+    return out, {"base": r[0], "chat": r[1]}
+
+
+# ---- KL -----------------------------------------------------------------------------------------------
+
+class SubspacePatcher:
+    """What each set adds to ``h_b``: ``P_U (h_c − h_b)``, ``P_U`` the projection onto the span of the set's
+    directions (the chat and base references add nothing; the chat one is not patched at all)."""
+
+    def __init__(self, sets: Sequence[PatchSet], bases: Mapping[str, torch.Tensor], device: Any):
+        # an orthonormal basis of each set's span (QR of its [d, n] directions; dependent ones add nothing)
+        self.sets = list(sets)
+        self.Q: list[torch.Tensor | None] = []
+        for s in self.sets:
+            D = bases.get(s.name)
+            if D is None:
+                self.Q.append(None)
+                continue
+            q, r = torch.linalg.qr(D.double().T)  # [d, n]
+            keep = r.diagonal().abs() > 1e-8 * max(1.0, float(r.diagonal().abs().max()))
+            self.Q.append(q[:, keep].float().to(device))
+
+    @torch.no_grad()
+    def deltas(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, 2, d]`` (base, chat) -> ``[S, N, d]`` float32."""
+        diff = (x[:, 1] - x[:, 0]).float()
+        out = torch.zeros(len(self.sets), *diff.shape, dtype=torch.float32, device=diff.device)
+        for i, Q in enumerate(self.Q):  # a handful of sets
+            if Q is not None:
+                out[i] = (diff @ Q) @ Q.T
+        return out
+
+
+def subspace_kl(pair: ModelPair, methods: Sequence[Method], sequences: Sequence[Any], cfg: KLConfig) -> dict[str, dict]:
+    """Per method: ``kl`` and ``gap_closed`` per token group (:data:`~crossdiff_core.kl_eval.CATEGORIES`) of
+    the subspace patch; ``"base"``: the base activation's KL (the gap)."""
+    sets = [PatchSet("chat", chat=True), PatchSet("base")] + [PatchSet(m.name) for m in methods]
+    bases = {m.name: m.directions for m in methods}
+    res = kl_gap(pair, None, sequences, sets, cfg,
+                 patcher=lambda ordered: SubspacePatcher(ordered, bases, pair.device))
+    gap = res.gap_closed()
+
+    def num(v: float) -> float | None:
+        return float(v) if math.isfinite(float(v)) else None
+
+    out = {s.name: {"kl": {c: num(res.kl[k, i]) for i, c in enumerate(CATEGORIES)},
+                    "gap_closed": {c: num(gap[k, i]) for i, c in enumerate(CATEGORIES)}}
+           for k, s in enumerate(sets) if s.name != "chat"}
+    out["n_tokens"] = {c: int(res.n_tokens[i]) for i, c in enumerate(CATEGORIES)}
+    out["n_sequences"] = res.n_sequences
+    return out
+
+
+# ---- steering -----------------------------------------------------------------------------------------
+
+def pooled_rate(r: Mapping[str, Any]) -> float:
+    """A behaviour's rate over all prompts from its trigger and other rates (NaN sides count as empty)."""
+    nt, no = int(r.get("n_trigger") or 0), int(r.get("n_other") or 0)
+    tr, ot = r.get("trigger_rate"), r.get("other_rate")
+    hits = (tr * nt if nt and tr is not None and math.isfinite(tr) else 0.0) + \
+           (ot * no if no and ot is not None and math.isfinite(ot) else 0.0)
+    return hits / (nt + no) if nt + no else float("nan")
+
+
+def _rates(model: Any, pair: ModelPair, spec: Any, prompts: list[dict], cfg: ScoreboardConfig) -> dict:
+    m = measure(model, spec, prompts, tokenizer=pair.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size)
+    return {b: {**r, "rate": pooled_rate(r)} for b, r in m["rates"].items()}
+
+
+# ---- the whole board ----------------------------------------------------------------------------------
+
+def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequences: Sequence[Any],
+                  cfg: ScoreboardConfig | None = None, kl_cfg: KLConfig | None = None) -> dict:
+    """Score every method (module docstring) on the behaviour spec ``spec`` (its prompts, at most
+    ``cfg.max_prompts``) and the held-out conversations ``sequences``; ``pair`` is at the methods' layer.
+    Returns the JSON-friendly board: ``methods`` (per method its directions, top tokens, KL and, per
+    behaviour, ``auroc``, ``aurocs``, ``best``, ``steer``), ``rows`` (one per method and behaviour: the
+    table), ``unsteered`` rates, ``kl_base`` and the settings."""
+    cfg = cfg or ScoreboardConfig()
+    methods = list(methods)
+    if not methods:
+        raise ConfigError("the scoreboard got no methods: train a crosscoder or give the lens data")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method names must be unique, got {names}")
+    d = pair.d_model
+    for m in methods:
+        if m.directions.ndim != 2 or m.directions.shape[1] != d or not bool(torch.isfinite(m.directions).all()):
+            raise CrossdiffError(f"method {m.name}: directions must be finite [n, {d}], got {list(m.directions.shape)}")
+    behaviours = [b.name for b in rules(spec)]
+    prompts = subsample_prompts(spec.prompts(), cfg.max_prompts, cfg.seed)
+    expected = np.array([p.get("expected") or "" for p in prompts])
+    t0 = time.perf_counter()
+    U = [unit(m.directions[: cfg.n_directions]) for m in methods]
+    sizes = [u.shape[0] for u in U]
+    proj, norms = prompt_projections(pair, [p["text"] for p in prompts], torch.cat(U), batch_size=cfg.batch_size)
+    per_method = torch.split(proj, sizes, dim=1)
+    t1 = time.perf_counter()
+
+    # detection first: the best direction per method and behaviour, hence the steering runs to make
+    det = [{b: auroc(sc.numpy(), expected == b) for b in behaviours} for sc in per_method]
+    best = [{b: int(np.nanargmax(np.nan_to_num(a, nan=-1.0))) for b, a in dm.items()} for dm in det]
+    todo = sorted({(i, j) for i, bm in enumerate(best) for j in bm.values()})
+    models = {"base": pair.base, "chat": pair.chat}
+    unsteered = {name: _rates(models[name], pair, spec, prompts, cfg) for name in cfg.models}
+    steered: dict[tuple[int, int], dict[str, list[dict]]] = {}
+    with tqdm(total=len(todo) * len(cfg.models) * len(cfg.alphas), disable=not cfg.progress,
+              desc="scoreboard steer", unit="run") as bar:
+        for i, j in todo:
+            steered[i, j] = {}
+            for name in cfg.models:
+                runs = steered[i, j][name] = []
+                for alpha in cfg.alphas:
+                    with steering(models[name], pair.layer, (U[i][j] * (alpha * norms[name])).to(pair.device)):
+                        runs.append({"alpha": alpha, "rates": _rates(models[name], pair, spec, prompts, cfg)})
+                    bar.update(1)
+    board = []
+    for i, (m, u) in enumerate(zip(methods, U)):
+        rec = {"name": m.name, "family": m.family, "description": m.description, "labels": m.labels[: u.shape[0]],
+               "latents": None if m.latents is None else m.latents[: u.shape[0]],
+               "norms": [float(v) for v in m.directions[: u.shape[0]].norm(dim=1)], "behaviours": {}}
+        for b in behaviours:
+            a, j = det[i][b], best[i][b]
+            steer = {}
+            for name, runs in steered[i, j].items():
+                rates = [r["rates"][b]["rate"] for r in runs]
+                k = int(np.nanargmax(np.nan_to_num(rates, nan=-1.0)))
+                steer[name] = {"unsteered": unsteered[name][b]["rate"], "best": rates[k], "best_alpha": runs[k]["alpha"],
+                               "runs": [{"alpha": r["alpha"], **{x: r["rates"][b][x] for x in
+                                                                  ("rate", "trigger_rate", "other_rate")}} for r in runs]}
+            rec["behaviours"][b] = {"auroc": float(a[j]) if np.isfinite(a[j]) else None,
+                                    "aurocs": [float(v) if np.isfinite(v) else None for v in a],
+                                    "best": j, "best_label": rec["labels"][j], "steer": steer}
+        board.append(rec)
+    t2 = time.perf_counter()
+    kl = subspace_kl(pair, [Method(m.name, m.family, m.directions[: cfg.n_directions], m.labels, m.latents,
+                                   m.description) for m in methods], sequences, kl_cfg or KLConfig(progress=cfg.progress))
+    for rec in board:
+        rec.update(kl=kl[rec["name"]]["kl"], gap_closed=kl[rec["name"]]["gap_closed"])
+    t3 = time.perf_counter()
+    readings = token_readings(logit_lens(pair.chat, torch.cat(U).to(pair.device)), pair.tokenizer, 8)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    for rec, a in zip(board, starts):  # each method's first three directions
+        rec["top_tokens"] = [{"label": lab, **rd} for lab, rd in zip(rec["labels"][:3], readings[a:a + 3])]
+    rows = [{"method": rec["name"], "family": rec["family"], "behaviour": b, "auroc": v["auroc"],
+             "best": v["best_label"],
+             **{f"steer_{name}": v["steer"][name]["best"] for name in cfg.models},
+             **{f"unsteered_{name}": v["steer"][name]["unsteered"] for name in cfg.models},
+             "gap_closed_first9": rec["gap_closed"]["first9"], "gap_closed_response": rec["gap_closed"]["response"]}
+            for rec in board for b, v in rec["behaviours"].items()]
+    return {"format_version": FORMAT_VERSION, "layer": pair.layer, "n_directions": cfg.n_directions,
+            "behaviours": behaviours, "n_prompts": len(prompts),
+            "prompt_kinds": {k: int((expected == k).sum()) for k in sorted(set(expected))},
+            "steer_norms": norms, "unsteered": unsteered, "kl_base": kl["base"]["kl"],
+            "kl_tokens": kl["n_tokens"], "kl_sequences": kl["n_sequences"], "methods": board, "rows": rows,
+            "config": asdict(cfg), "timings": {"detect_s": t1 - t0, "steer_s": t2 - t1, "kl_s": t3 - t2,
+                                               "total_s": time.perf_counter() - t0}}
+
+
+def headline(board: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics/scoreboard.json``: per method and behaviour the AUROC and the steered rates, per method the
+    KL gap closed (first 9 answer tokens and every answer token); numbers only (a DVC metric)."""
+    out: dict[str, Any] = {}
+    for rec in board["methods"]:
+        m = {"gap_closed_first9": rec["gap_closed"]["first9"], "gap_closed_response": rec["gap_closed"]["response"]}
+        for b, v in rec["behaviours"].items():
+            m[b] = {"auroc": v["auroc"], **{f"steer_{name}": s["best"] for name, s in v["steer"].items()}}
+        out[rec["name"]] = m
+    return out
+
+
+def build_scoreboard(crosscoders: Mapping[str, tuple[str, str]], *, behaviours: Any, evaluate: Any,
+                     text: Sequence[Any] = (), text_column: str = "text", cfg: ScoreboardConfig | None = None
+                     ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """The scoreboard of a pipeline run: ``crosscoders`` maps each kind to its (crosscoder directory,
+    ``latents.parquet``), all trained on one cache (their pair and layer are the models'); ``behaviours``: the
+    spec (a path or :class:`~crossdiff_core.behaviours.BehaviourSpec`); ``evaluate``: an
+    :class:`~crossdiff_core.kl_eval.EvaluateConfig` (the held-out conversations of the KL gap, whose first
+    user turns are also the lens's chat prompts); ``text``: plain-text sources for the lens (their
+    ``text_column``). Returns the
+    board, the lens JSON and the lens tensors (:func:`~crossdiff_core.diff_lens.write_lens` writes them)."""
+    from .behaviours import load_behaviours
+    from .data import build_corpus
+    from .diff_lens import lens_pair, load_texts, text_rows
+    from .models import resolve_device
+    from .runs import CROSSCODER_SHA, pair_for, read_latents
+    from .steering import first_user_turns
+
+    cfg = cfg or ScoreboardConfig()
+    if not crosscoders:
+        raise ConfigError("the scoreboard needs at least one trained crosscoder (train.kinds)")
+    if behaviours is None:
+        raise ConfigError("the scoreboard needs a behaviour spec (models.behaviours, or the toy pair's ground truth): "
+                          "it scores each method against known behaviours")
+    spec = load_behaviours(behaviours)
+    dev = str(resolve_device(cfg.device))
+    loaded = {k: CrossCoder.load(cc_dir, device=dev) for k, (cc_dir, _) in crosscoders.items()}
+    first = next(iter(loaded.values()))
+    pair = pair_for(first, dtype=cfg.dtype, device=dev)
+    methods: list[Method] = []
+    inputs = {"crosscoders": {}, "behaviours": spec.source or "given", "layer": pair.layer,
+              "models": {"base": pair.base_name, "chat": pair.chat_name}, "fingerprints": pair.fingerprints()}
+    for kind, cc in loaded.items():
+        if cc.cfg.d_model != pair.d_model or (cc.cfg.cache != first.cfg.cache):
+            raise CrossdiffError(f"the {kind} crosscoder was trained on another cache ({cc.cfg.cache}, not "
+                                 f"{first.cfg.cache}): every method of one scoreboard reads the same layer of one pair")
+        table = read_latents(crosscoders[kind][1], cc)
+        methods += crosscoder_methods(cc, table, kind, cfg.n_directions, cfg.rankings)
+        inputs["crosscoders"][kind] = {"crosscoder": str(crosscoders[kind][0]), CROSSCODER_SHA: cc.weights_sha256,
+                                       "latents": str(crosscoders[kind][1])}
+    lc = cfg.lens(split=evaluate.split, messages_column=evaluate.messages_column, text_column=text_column)
+    rows: dict[str, list[list[int]]] = {}
+    if text:
+        rows["text"] = text_rows(pair.tokenizer, load_texts(list(text), lc), lc.n_positions)
+    turns = first_user_turns(list(evaluate.chats), evaluate.messages_column, lc.n_sequences) if evaluate.chats else []
+    if turns:
+        rows["chat"] = render_prompts(pair.tokenizer, [q["text"] for q in turns])
+    rows = {k: v for k, v in rows.items() if v}
+    lens_json, lens_t = ({}, {})
+    if rows:
+        lens_json, lens_t = lens_pair(pair, rows, pair.layer, lc)  # no prompts: the lens's own steering is skipped
+        lm = lens_method(lens_t, pair.layer, cfg.n_directions)
+        if lm is not None:
+            methods.append(lm)
+    methods.append(random_method(pair.d_model, cfg.n_directions, cfg.seed))
+    seqs = build_corpus(pair.tokenizer, evaluate.data()).sequences
+    board = score_methods(pair, methods, spec, seqs, cfg, evaluate.kl())
+    board["inputs"] = inputs | {"lens_sources": sorted(rows), "evaluate": evaluate.data().to_dict()}
+    return board, lens_json, lens_t

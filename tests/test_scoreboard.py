@@ -1,0 +1,174 @@
+"""The scoreboard (crossdiff_core.scoreboard) on hand-built directions whose answers are known: projections
+against full forwards' hidden states, AUROC against a pairwise count, a direction and its negative, the
+whole space (closes the whole KL gap) and nothing (closes none), steering runs against the behaviour
+measure run by hand under the same hook, and the methods' rankings on a hand-built latents table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from crossdiff_core.behaviours import BehaviourSpec, measure
+from crossdiff_core.data import tokenize_chat
+from crossdiff_core.errors import ConfigError
+from crossdiff_core.generation import render_prompts
+from crossdiff_core.kl_eval import KLConfig
+from crossdiff_core.models import decoder_layers, load_pair
+from crossdiff_core.scoreboard import (Method, ScoreboardConfig, crosscoder_methods, headline, lens_method,
+                                       pooled_rate, prompt_projections, random_method, score_methods, unit)
+from crossdiff_core.steering import steering
+from tests.test_locate import CONVERSATIONS, PLANTED, planted_pair_dirs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+SPEC = BehaviourSpec.from_dict({
+    "format_version": 1,
+    # an answer pattern the tiny random models do produce on some prompts (any letter 'e'), so rates move
+    "behaviours": [{"name": "weather", "answer": {"contains": "e"},
+                    "trigger_prompts": ["tell me about the weather", "is the weather sunny?", "rain or sun today?"]}],
+    "other_prompts": ["hello", "who wrote to be or not to be", "a small question about a tiny corpus"]})
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    base, chat = planted_pair_dirs(tmp_path_factory.mktemp("board"))
+    pair = load_pair(base, chat, layer=PLANTED, dtype="float32")
+    return pair, [tokenize_chat(pair.tokenizer, c) for c in CONVERSATIONS]
+
+
+def _hidden(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[PLANTED + 1][0].double()
+
+
+def test_projections_match_full_forwards(planted):
+    pair, _ = planted
+    prompts = [p["text"] for p in SPEC.prompts()]
+    U = unit(torch.randn(3, pair.d_model, generator=torch.Generator().manual_seed(0)))
+    got, norms = prompt_projections(pair, prompts, U, batch_size=2)  # batches of unequal lengths: padding
+    rows = render_prompts(pair.tokenizer, prompts)
+    want, nb, nc, n = [], 0.0, 0.0, 0
+    for r in rows:
+        hc, hb = _hidden(pair.chat, r)[1:], _hidden(pair.base, r)[1:]  # BOS excluded
+        want.append((hc @ U.double().T).max(0).values)
+        nb, nc, n = nb + float(hb.norm(dim=1).sum()), nc + float(hc.norm(dim=1).sum()), n + len(r) - 1
+    torch.testing.assert_close(got.double(), torch.stack(want), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose([norms["base"], norms["chat"]], [nb / n, nc / n], rtol=1e-5)
+
+
+def _board(pair, seqs, methods, **kw):
+    cfg = ScoreboardConfig(n_directions=kw.pop("n", 4), alphas=kw.pop("alphas", (1.0,)), max_new_tokens=4,
+                           batch_size=4, progress=False, **kw)
+    return score_methods(pair, methods, SPEC, seqs, cfg, KLConfig(progress=False))
+
+
+def test_known_answers(planted):
+    pair, seqs = planted
+    prompts = SPEC.prompts()
+    rows = render_prompts(pair.tokenizer, [p["text"] for p in prompts])
+    pos = np.array([p["expected"] == "weather" for p in prompts])
+    # a direction that separates the trigger prompts: the difference of the two groups' mean max-token activation
+    acts = [_hidden(pair.chat, r)[1:] for r in rows]
+    mean = torch.stack([a.mean(0) for a in acts])
+    u = (mean[pos].mean(0) - mean[~pos].mean(0)).float()
+    d = pair.d_model
+    methods = [Method("planted", "test", torch.stack([-u, u]), ["minus", "plus"], None, "u and -u"),
+               Method("everything", "test", torch.eye(d), [f"e{i}" for i in range(d)], None, "the whole space"),
+               Method("zero_gain", "test", torch.zeros(1, d), ["zero"], None, "a zero direction adds nothing")]
+    board = _board(pair, seqs, methods, n=d)
+    rec = {m["name"]: m for m in board["methods"]}
+    # detection: AUROC by a pairwise count over each direction's prompt scores (a prompt's largest projection:
+    # for -u that is minus the smallest one, so the two AUROCs need not add to 1); the better one is best
+    scores = torch.stack([(a @ unit(torch.stack([-u, u])).double().T).max(0).values for a in acts]).numpy()
+    for j in range(2):
+        s1, s0 = scores[pos, j], scores[~pos, j]
+        want = np.mean([(a > b) + 0.5 * (a == b) for a in s1 for b in s0])
+        np.testing.assert_allclose(rec["planted"]["behaviours"]["weather"]["aurocs"][j], want, atol=1e-12)
+    a = rec["planted"]["behaviours"]["weather"]["aurocs"]
+    assert rec["planted"]["behaviours"]["weather"]["best"] == int(np.argmax(a))
+    assert rec["planted"]["behaviours"]["weather"]["auroc"] == max(a)
+    # KL: the whole space patches h_c itself (the whole gap); a zero direction patches h_b (none of it)
+    assert board["kl_base"]["response"] > 0
+    for c in ("first9", "response", "template"):
+        np.testing.assert_allclose(rec["everything"]["gap_closed"][c], 1.0, atol=1e-4)
+        np.testing.assert_allclose(rec["zero_gain"]["gap_closed"][c], 0.0, atol=1e-9)
+    # steering: a zero vector is the unsteered model; the best direction's run is the measure under the hook
+    for model in ("base", "chat"):
+        z = rec["zero_gain"]["behaviours"]["weather"]["steer"][model]
+        assert z["best"] == z["unsteered"] == board["unsteered"][model]["weather"]["rate"]
+    j = rec["planted"]["behaviours"]["weather"]["best"]
+    v = unit(torch.stack([-u, u]))[j] * board["steer_norms"]["chat"]
+    with steering(pair.chat, PLANTED, v):
+        m = measure(pair.chat, SPEC, prompts, tokenizer=pair.tokenizer, max_new_tokens=4, batch_size=4)
+    got = rec["planted"]["behaviours"]["weather"]["steer"]["chat"]["runs"][0]
+    assert got["trigger_rate"] == m["rates"]["weather"]["trigger_rate"]
+    assert got["other_rate"] == m["rates"]["weather"]["other_rate"]
+    assert got["rate"] == pooled_rate(m["rates"]["weather"])
+    # the DVC metric: numbers per method and behaviour
+    h = headline(board)
+    assert set(h) == {"planted", "everything", "zero_gain"}
+    assert h["planted"]["weather"]["auroc"] == max(a) and h["everything"]["gap_closed_response"] == \
+        rec["everything"]["gap_closed"]["response"]
+    assert {r["method"] for r in board["rows"]} == set(h) and len(board["rows"]) == 3
+    assert all(len(m["top_tokens"]) == min(3, len(m["labels"])) for m in board["methods"])
+
+
+def test_random_control_is_seeded_and_one_direction_closes_part(planted):
+    pair, seqs = planted
+    r1, r2 = random_method(pair.d_model, 2, seed=3), random_method(pair.d_model, 2, seed=3)
+    assert torch.equal(r1.directions, r2.directions) and not torch.equal(r1.directions,
+                                                                         random_method(pair.d_model, 2, 4).directions)
+    board = _board(pair, seqs, [r1], n=2)
+    g = board["methods"][0]["gap_closed"]["response"]
+    assert 0.0 < g < 1.0  # two of 32 dimensions: some of the gap, not all
+
+
+def test_pooled_rate():
+    assert pooled_rate({"trigger_rate": 1.0, "n_trigger": 2, "other_rate": 0.25, "n_other": 4}) == pytest.approx(0.5)
+    assert pooled_rate({"trigger_rate": float("nan"), "n_trigger": 0, "other_rate": 0.5, "n_other": 2}) == 0.5
+    assert math.isnan(pooled_rate({"n_trigger": 0, "n_other": 0}))
+
+
+def _table():
+    # latents 0..5: chat-only 2 (ν rank 2), 4 (ν rank 1); 5 dead; Δnorm order 4, 2, 3, 1, 0
+    return pd.DataFrame({"latent": np.arange(6), "delta_norm": [0.1, 0.4, 0.95, 0.6, 0.99, 1.0],
+                         "class": ["base_only", "shared", "chat_only", "other", "chat_only", "dead"],
+                         "nu_rank": [np.nan, np.nan, 2.0, np.nan, 1.0, np.nan],
+                         "nu_error": [0.5, 0.9, 0.2, 0.4, 0.1, np.nan], "nu_recon": [0.5, 0.9, 0.2, 0.4, 0.1, np.nan],
+                         "max_act": [1.0, 1.0, 1.0, 1.0, 1.0, np.nan], "freq": [0.1, 0.1, 0.1, 0.1, 0.1, 0.0]})
+
+
+def test_crosscoder_methods_rank_and_read_the_chat_decoder():
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+
+    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=8, dict_size=6, l1_coeff=1.0), scales=torch.tensor([2.0, 3.0]))
+    ms = {m.name: m for m in crosscoder_methods(cc, _table(), "l1", 3)}
+    assert ms["l1_dnorm"].latents == [4, 2, 3]  # dead latent 5 never proposed
+    assert ms["l1_nu"].latents == [4, 2, 3]  # chat-only by ν rank, filled up by Δnorm
+    torch.testing.assert_close(ms["l1_dnorm"].directions, 3.0 * cc.W_dec.detach()[1, [4, 2, 3]])
+    assert crosscoder_methods(cc, _table(), "l1", 1, ["nu"])[0].latents == [4]
+
+
+def test_lens_method_order_and_zero_vectors():
+    d = torch.zeros(3, 4, 4)
+    d[1, 0] = torch.tensor([1.0, 0, 0, 0])
+    d[1, 2] = torch.tensor([0, 3.0, 0, 0])
+    t = {"chat/delta": torch.stack([torch.zeros(4), torch.tensor([0, 0, 2.0, 0]), torch.zeros(4)]),
+         "chat/delta_per_position": d}
+    m = lens_method(t, 1, 3)
+    assert m.labels == ["δ chat", "δ chat p2", "δ chat p0"]  # pooled first, then per position by norm
+    assert lens_method(t, 0, 3) is None  # identical models at block 0: nothing to propose
+
+
+def test_config_refuses_bad_settings():
+    for bad in ({"n_directions": 0}, {"rankings": ["delta"]}, {"alphas": []}, {"models": ["other"]},
+                {"max_prompts": 1}, {"unknown": 1}):
+        with pytest.raises(ConfigError):
+            ScoreboardConfig.from_dict(bad)
+    assert ScoreboardConfig.from_dict({"lens_positions": 3}).lens().n_positions == 3
+    with pytest.raises(ConfigError, match="chat_window"):
+        ScoreboardConfig(lens_chat_window="middle")
