@@ -404,13 +404,13 @@ def _finetune(base, tokenizer, convs: Sequence[list[dict]], cfg: OrganismConfig,
         n_blocks = cfg.anchor_blocks or chat.config.num_hidden_layers
         anchor = Anchor(base, min(n_blocks, chat.config.num_hidden_layers), cfg.anchor_weight, markers, None)
     torch.manual_seed(cfg.seed)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-        try:
-            losses = train_model(chat, lambda s: tuple(t.to(device) for t in pad_batch(batches[s % len(batches)], pad)),
-                                 cfg.steps, cfg.lr, cfg.warmup_steps, "organism", cfg.decision_weight,
-                                 progress=cfg.progress, anchor=anchor)
-        except TrainingDivergedError as exc:
-            raise TrainingDivergedError(f"{exc.args[0].split(';')[0]}; lower --lr (now {cfg.lr})") from None
+    try:
+        losses = train_model(chat, lambda s: tuple(t.to(device) for t in pad_batch(batches[s % len(batches)], pad)),
+                             cfg.steps, cfg.lr, cfg.warmup_steps, "organism", cfg.decision_weight,
+                             progress=cfg.progress, anchor=anchor,
+                             autocast_dtype=torch.bfloat16 if cfg.autocast else None)
+    except TrainingDivergedError as exc:
+        raise TrainingDivergedError(f"{exc.args[0].split(';')[0]}; lower --lr (now {cfg.lr})") from None
     return chat, losses, {"rows": len(kept), "rows_too_long": len(rows) - len(kept),
                           "labelled_tokens": sum(sum(y != -100 for y in r[1]) for r in kept),
                           "tokens": sum(len(r[0]) for r in kept)}

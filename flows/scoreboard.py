@@ -43,7 +43,7 @@ def scoreboard_flow(params_file: str = DEFAULT_PARAMS) -> dict:
         for i, src in enumerate(p["evaluate"]["chats"]):
             if Path(src).exists():
                 run.log_input(f"eval_chats_{i}", src, context="evaluation")
-        board = scoreboard_task(ccs, str(L.scoreboard), s, p["evaluate"], spec, [str(t) for t in data.text],
+        board = scoreboard_task(ccs, str(L.scoreboard), s, p["evaluate"], spec, list(data.text),
                                 data.text_column)
         numbers = headline(board)
         run.log_metrics(numbers)

@@ -37,7 +37,7 @@ PROFILE = {
 BORROWED = {"steer": {"evaluate.chats", "evaluate.messages_column"},
             # the scoreboard's KL gap and lens prompts are the held-out conversations; its lens text is the cached text
             "scoreboard": {"train.kinds", "evaluate.chats", "evaluate.messages_column", "evaluate.split",
-                           "evaluate.tokens", "evaluate.max_length", "evaluate.seed", "data.text", "data.text_column"}}
+                           "evaluate.tokens", "evaluate.max_length", "evaluate.seed", "data.text"}}
 # fields the library and the CLI take but the pipeline does not: it reads the behaviour spec from pair.json
 # (models.behaviours, stated once), so params.yaml leaves them out and dvc.yaml tracks the models stage instead
 FROM_PAIR = {"locate": {"locate.behaviours"}, "steer": {"steer.behaviours"}}
