@@ -18,7 +18,7 @@ from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, section
 from tasks import tracking
 from tasks.io import write_json
 from tasks.models import read_pair
-from tasks.products import LATENTS
+from tasks.products import LATENTS, SCOREBOARD
 from tasks.scoreboard import scoreboard_task
 from tasks.steering import behaviours_for
 
@@ -43,8 +43,13 @@ def scoreboard_flow(params_file: str = DEFAULT_PARAMS) -> dict:
         for i, src in enumerate(p["evaluate"]["chats"]):
             if Path(src).exists():
                 run.log_input(f"eval_chats_{i}", src, context="evaluation")
-        board = scoreboard_task(ccs, str(L.scoreboard), s, p["evaluate"], spec, list(data.text),
-                                data.text_column)
+        if spec is None:  # nothing known to score against: say so (the report leaves the section out)
+            board = {"format_version": 1, "skipped": "the pair has no behaviour spec (models.behaviours): the "
+                     "scoreboard scores methods against known behaviours", "methods": [], "behaviours": []}
+            write_json(board, L.scoreboard / SCOREBOARD)
+        else:
+            board = scoreboard_task(ccs, str(L.scoreboard), s, p["evaluate"], spec, list(data.text),
+                                    data.text_column)
         numbers = headline(board)
         run.log_metrics(numbers)
         run.log_output("scoreboard", L.scoreboard)

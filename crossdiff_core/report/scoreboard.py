@@ -51,7 +51,7 @@ def model_in(rec: Mapping[str, Any], behaviour: str, model: str) -> bool:
 
 def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
     """The section's rows, sentences and per-method readings; None without a board."""
-    if not board:
+    if not board or not board.get("methods"):  # none made, or skipped (no behaviour spec)
         return None
     models = [m for m in ("base", "chat") if m in (board.get("config") or {}).get("models", ("base", "chat"))]
     rows = []
