@@ -392,14 +392,16 @@ def headline(board: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_scoreboard(crosscoders: Mapping[str, tuple[str, str]], *, behaviours: Any, evaluate: Any,
-                     text: Sequence[Any] = (), text_column: str = "text", cfg: ScoreboardConfig | None = None
+                     text: Sequence[Any] = (), text_column: str = "text", cfg: ScoreboardConfig | None = None,
+                     base: str | None = None, chat: str | None = None, layer: int | None = None
                      ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """The scoreboard of a pipeline run: ``crosscoders`` maps each kind to its (crosscoder directory,
     ``latents.parquet``), all trained on one cache (their pair and layer are the models'); ``behaviours``: the
     spec (a path or :class:`~crossdiff_core.behaviours.BehaviourSpec`); ``evaluate``: an
     :class:`~crossdiff_core.kl_eval.EvaluateConfig` (the held-out conversations of the KL gap, whose first
     user turns are also the lens's chat prompts); ``text``: plain-text sources for the lens (their
-    ``text_column``). Returns the
+    ``text_column``); ``base``, ``chat``, ``layer``: the pair and block, default those of the first crosscoder's
+    training cache. Returns the
     board, the lens JSON and the lens tensors (:func:`~crossdiff_core.diff_lens.write_lens` writes them)."""
     from .behaviours import load_behaviours
     from .data import build_corpus
@@ -418,7 +420,7 @@ def build_scoreboard(crosscoders: Mapping[str, tuple[str, str]], *, behaviours: 
     dev = str(resolve_device(cfg.device))
     loaded = {k: CrossCoder.load(cc_dir, device=dev) for k, (cc_dir, _) in crosscoders.items()}
     first = next(iter(loaded.values()))
-    pair = pair_for(first, dtype=cfg.dtype, device=dev)
+    pair = pair_for(first, base=base, chat=chat, layer=layer, dtype=cfg.dtype, device=dev)
     methods: list[Method] = []
     inputs = {"crosscoders": {}, "behaviours": spec.source or "given", "layer": pair.layer,
               "models": {"base": pair.base_name, "chat": pair.chat_name}, "fingerprints": pair.fingerprints()}

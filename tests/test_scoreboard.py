@@ -172,3 +172,44 @@ def test_config_refuses_bad_settings():
     assert ScoreboardConfig.from_dict({"lens_positions": 3}).lens().n_positions == 3
     with pytest.raises(ConfigError, match="chat_window"):
         ScoreboardConfig(lens_chat_window="middle")
+
+
+def test_cli_scoreboard_and_its_bad_input(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from crossdiff_core.cli import app
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+    from crossdiff_core.runs import LATENT_COLUMNS
+    from tests.test_models import make_pair_dirs
+
+    base, chat, _ = make_pair_dirs(tmp_path, "llama")
+    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=32, dict_size=6, l1_coeff=1.0, init_norm=0.3), seed=3)
+    cc.save(tmp_path / "cc")
+    t = _table()
+    for c in LATENT_COLUMNS:
+        if c not in t:
+            t[c] = 0.5
+    t[list(LATENT_COLUMNS)].to_parquet(tmp_path / "latents.parquet")
+    SPEC.save(tmp_path / "behaviours.yaml")
+    with open(tmp_path / "chats.jsonl", "w") as f:
+        for c in CONVERSATIONS:
+            f.write(json.dumps({"messages": c}) + "\n")
+    args = ["scoreboard", "--crosscoder", f"L1={tmp_path / 'cc'}", "--latents", f"L1={tmp_path / 'latents.parquet'}",
+            "--behaviours", str(tmp_path / "behaviours.yaml"), "--chats", str(tmp_path / "chats.jsonl"),
+            "--out", str(tmp_path / "board.json"), "--base", base, "--chat", chat, "--layer", "1",
+            "--n-directions", "2", "--alphas", "1", "--max-new-tokens", "3", "--tokens", "150", "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    board = json.loads((tmp_path / "board.json").read_text())
+    assert [m["name"] for m in board["methods"]] == ["L1_dnorm", "L1_nu", "lens", "random"]
+    assert board["methods"][0]["latents"] == [4, 2] and board["layer"] == 1
+    assert (tmp_path / "board.lens.json").is_file() and (tmp_path / "board.lens.safetensors").is_file()
+    assert all(f'"{m}": {{' in r.output for m in ("L1_dnorm", "L1_nu", "lens", "random"))  # the headline numbers
+    # names that do not pair up, and a spec that is not one: one clear line each, no traceback
+    r = CliRunner().invoke(app, args[:3] + ["--latents", f"BTK={tmp_path / 'latents.parquet'}"] + args[5:])
+    assert r.exit_code == 2 and "must be the same" in r.output and "Traceback" not in r.output
+    (tmp_path / "bad.yaml").write_text("behaviours: 3\n")
+    r = CliRunner().invoke(app, args[:5] + ["--behaviours", str(tmp_path / "bad.yaml")] + args[7:])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output

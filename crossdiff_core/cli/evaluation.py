@@ -115,6 +115,9 @@ def scoreboard(
     chats: list[str] = typer.Option(..., help="held-out chat data (a `messages` column): the KL gap, and the lens's chat prompts; repeatable"),
     out: str = typer.Option(..., help="output JSON: every method's scores (FILE.lens.json and .safetensors: the lens it scored)"),
     text: list[str] = typer.Option(None, help="plain-text data (a `text` column) for the lens; repeatable"),
+    base: str = _base_opt(),
+    chat: str = _chat_opt(),
+    layer: int = _layer_opt(),
     n_directions: int = typer.Option(SCOREBOARD["n_directions"], help="N: each method's top-N directions"),
     alphas: str = typer.Option(",".join(f"{a:g}" for a in SCOREBOARD["alphas"]), help="comma-separated steering scales a (x the model's mean norm)"),
     max_prompts: int = typer.Option(SCOREBOARD["max_prompts"], help="behaviour prompts used (each behaviour keeps its share); 0: all"),
@@ -148,7 +151,8 @@ def scoreboard(
         ev = EvaluateConfig(chats=list(chats), tokens=tokens, max_length=max_length, seed=seed, dtype=dtype,
                             device=device, progress=progress)
         board, lens, tensors = build_scoreboard({k: (ccs[k], lats[k]) for k in ccs}, behaviours=behaviours,
-                                                evaluate=ev, text=list(text or []), cfg=cfg)
+                                                evaluate=ev, text=list(text or []), cfg=cfg, base=base, chat=chat,
+                                                layer=layer)
         if lens:
             write_lens(lens, tensors, Path(out).with_suffix(".lens.json"))
         write_json(board, out)
