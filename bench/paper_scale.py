@@ -31,6 +31,7 @@ import torch
 
 from crossdiff_core.allocator import keep_freed_memory
 from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff_core.trainer import adam
 from crossdiff_core.trainer import optimisation_step
 
 PAPER = (2304, 73_728, 100)
@@ -81,7 +82,7 @@ def child(spec: dict) -> dict:
     limit = gemm_rate(d, F, B, dtype, device)
     cfg = CrossCoderConfig(kind="batchtopk", d_model=d, dict_size=F, k=k, init_norm=0.1)
     model = CrossCoder(cfg, seed=0, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = adam(model.parameters(), 1e-4, fused=spec.get("fused_adam", True))  # the trainer's
     x = torch.randn(B, 2, d, device=device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, generator=torch.Generator().manual_seed(1))[: F // 10].to(device)] = True
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--malloc", default="keep", choices=("keep", "default"),
                     help="CPU: keep freed memory (the trainer's default) or glibc's default malloc")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    ap.add_argument("--unfused-adam", action="store_true",
+                    help="also the paper-shape sparse step with torch's unfused Adam, side by side")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -155,6 +158,8 @@ def main() -> None:
         for products, B in (("dense", args.paper_dense_batch), ("sparse", args.paper_batch)):
             configs.append({**base, "d": d, "F": F, "B": B, "k": k, "products": products,
                             "steps": args.paper_steps, "warmup": 1, "paper": True})
+        if args.unfused_adam:  # the sparse step again with Adam's per-parameter loop (before the trainer fused it)
+            configs.append({**configs[-1], "fused_adam": False})
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"{args.dtype}, malloc {args.malloc}", flush=True)
     best: list[dict | None] = [None] * len(configs)
@@ -166,7 +171,7 @@ def main() -> None:
             else:
                 best[i]["limit_best"] = max(best[i]["limit_best"], res["limit"])
         print(f"round {r + 1} done", flush=True)
-    print(f"\n{'d':>5} {'F':>6} {'B':>5} {'k':>4} {'step':>7} {'s/step':>7} {'tok/s':>9} {'GEMM GF/s':>9} "
+    print(f"\n{'d':>5} {'F':>6} {'B':>5} {'k':>4} {'step':>12} {'s/step':>7} {'tok/s':>9} {'GEMM GF/s':>9} "
           f"{'limit tok/s':>11} {'ratio':>6} {'Adam s':>6} {'clip s':>6} {'peak GiB':>8}")
     paper_ratio = float("nan")
     shape_limit: dict[tuple, float] = {}  # one limit per (d, F): the best of every process at that shape
@@ -177,10 +182,11 @@ def main() -> None:
         rate = spec["B"] / res["step_s"]
         gemm = shape_limit[(spec["d"], spec["F"])]
         lim = gemm / (24 * spec["d"] * spec["F"])
-        print(f"{spec['d']:>5} {spec['F']:>6} {spec['B']:>5} {spec['k']:>4} {spec['products']:>7} "
+        mode = spec["products"] + ("" if spec.get("fused_adam", True) else "+loop")
+        print(f"{spec['d']:>5} {spec['F']:>6} {spec['B']:>5} {spec['k']:>4} {mode:>12} "
               f"{res['step_s']:7.3f} {rate:9,.1f} {gemm / 1e9:9.1f} {lim:11,.1f} {rate / lim:6.2f} "
               f"{res['adam_s']:6.3f} {res['clip_s']:6.3f} {res['peak_gib']:8.2f}")
-        if spec.get("paper") and spec["products"] == "sparse":
+        if spec.get("paper") and spec["products"] == "sparse" and spec.get("fused_adam", True):
             paper_ratio = rate / lim
     print("ratio: tokens/s / the limit's tokens/s (24·d·F FLOPs a token at the best GEMM rate of the same "
           "processes); step = the loss's products (auto: chosen by code density)")

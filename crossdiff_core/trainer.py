@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = neutral("cpu")  # torch device
     progress: bool = neutral(True)  # progress bar
     keep_freed_memory: bool = neutral(True)  # CPU: reuse the step's freed [batch, F] pages (crossdiff_core.allocator)
+    fused_adam: bool = neutral(True)  # Adam as torch's fused kernel (one pass over the parameters, CPU and CUDA): the same update to float round-off
     products: str = neutral("auto")  # the step's products: dense, sparse, or auto by code density (crossdiff_core.sparse_step)
     kinds: tuple[str, ...] = neutral(DEFAULT_KINDS)  # the pipeline trains one crosscoder of each kind (dvc.yaml's vars)
     nproc: int = neutral(1)  # > 1: data-parallel over this many processes with torchrun (crossdiff_core.distributed)
@@ -92,6 +93,15 @@ class TrainConfig:
     def from_dict(cls, d: dict, *, section: str = "train") -> "TrainConfig":
         """From params.yaml's ``train`` section (or a saved ``asdict``); unknown keys are an error."""
         return from_dict(cls, d, section=section)
+
+
+def adam(params, lr: float, *, fused: bool = True) -> torch.optim.Adam:
+    """The trainer's Adam (β = 0.9, 0.999). ``fused``: torch's fused kernel where every parameter is a floating
+    CPU or CUDA tensor (the per-parameter loop makes several passes over weights, gradients and both moments;
+    at the paper's shape that loop was a third of the step: BENCHMARKS.md)."""
+    params = list(params)
+    ok = fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True if ok else None)
 
 
 def lr_factor(step: int, steps: int, warmup_frac: float, decay_frac: float) -> float:
@@ -156,7 +166,7 @@ class Trainer:
                 "cache more tokens or lower --batch-size"
             )
         self.dead_after = max(1, min(cfg.dead_tokens, cfg.tokens // 2))
-        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.opt = adam(model.parameters(), cfg.lr, fused=cfg.fused_adam)
         self.step = 0
         self.since_fired = torch.zeros(model.cfg.dict_size, dtype=torch.int64, device=self.device)
         self.history: list[dict] = []
