@@ -34,7 +34,8 @@ def report_flow(params_file: str = DEFAULT_PARAMS) -> dict:
     L, r = Layout(p), p["report"]
     cfg = section(p, "report", ReportConfig)  # a typo fails before any work
     kinds = section(p, "train", TrainConfig).kinds  # the crosscoders the pipeline trained
-    gt = read_pair(L.models).get("ground_truth")
+    pair = read_pair(L.models)
+    gt = pair.get("behaviours") or pair.get("ground_truth")  # the pair's behaviour spec (the toy pair's ground truth)
     with tracking.stage_run("report", params=r, full_params=p, params_file=p["params_file"],
                             experiment=p["tracking"]["experiment"]) as run:
         run.log_input("cache", L.cache, context="cards")

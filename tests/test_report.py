@@ -440,3 +440,14 @@ def test_scoreboard_section_names_the_best_method_against_the_floor(analysed, tm
     assert "(random: +0%)" in s and "in the base model: 0% → 10%" in s
     assert page.count('<tr><td class="l">refusal</td>') == 3  # a row per method
     assert "40%" in page and "latents 3, 5" in page and "&#39;Sorry&#39;" in page
+
+
+def test_behaviours_from_the_steering_record_when_no_spec_is_given(analysed, tmp_path):
+    # a pair without a toy ground truth (a hub pair): the rules come from what the steering recorded
+    from crossdiff_core.behaviours import steering_record
+
+    cache, cc, res = analysed
+    steer = _fake_steering(res.table, rises=True) | {"behaviours": steering_record(_ground_truth())}
+    paths = build_report([RunInputs("L1", res.table, res.summary, steering=steer)], tmp_path / "rep")
+    page = paths["html"].read_text()
+    assert '<h2 id="behaviours">Behaviours</h2>' in page and "contains: Sorry, I cannot help" in page

@@ -147,7 +147,7 @@ def _behaviour_section(runs: Sequence[RunInputs], spec: Any, rates: dict | None,
     if not names:
         return None
     rule = {b.name: b for b in rules(spec)} if spec is not None else {
-        b["name"]: b for r in runs for b in rules((r.steering or {}).get("behaviours") or [])}
+        b.name: b for r in runs for b in rules((r.steering or {}).get("behaviours") or [])}
     baseline = next(((r.steering or {}).get("baseline") for r in runs if (r.steering or {}).get("has_ground_truth")), {})
 
     def unsteered(model: str, name: str, key: str) -> str:
