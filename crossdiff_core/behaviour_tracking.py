@@ -20,7 +20,7 @@ from .behaviours import load_behaviours, rules
 from .chat_rank import top_chat
 from .crosscoder import CrossCoder
 from .decoder_norms import CHAT_ONLY, CLASSES, DEAD, SHARED
-from .generation import pad_token_id, render_prompts
+from .generation import pad_token_id, render_prompts, right_pad
 from .models import ModelPair
 
 
@@ -32,13 +32,7 @@ def prompt_max_activations(pair: ModelPair, cc: CrossCoder, prompts: Sequence[st
     out = torch.zeros(len(rows), F, dtype=torch.float32, device=cc.W_dec.device)
     bos = pair.tokenizer.bos_token_id
     for a in range(0, len(rows), batch_size):
-        chunk = rows[a:a + batch_size]
-        T = max(map(len, chunk))  # right padding here: positions match the cached ones
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        attn = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.as_tensor(r)
-            attn[i, :len(r)] = 1
+        ids, attn = right_pad(rows[a:a + batch_size], pad)  # positions match the cached ones
         h_b, h_c = pair.residuals(ids, attn)
         m = (attn.bool() & (ids != bos) if bos is not None else attn.bool()).to(h_b.device)
         x = torch.stack([h_b[m], h_c[m]], 1).to(device=cc.W_dec.device, dtype=torch.float32)

@@ -33,6 +33,18 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids, attention_mask``, each ``[batch, T]`` int64 on the CPU, rows padded on the right (positions
+    match those of the rows alone, as the cache has them)."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 def pad_token_id(tokenizer: Any) -> int:
     """The tokenizer's pad id, else its end-of-sequence id, else 0 (padding is masked out anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -54,7 +54,7 @@ from .crosscoder import CrossCoder
 from .decoder_norms import CHAT_ONLY
 from .diff_lens import DiffLensConfig, logit_lens, token_readings
 from .errors import ConfigError, CrossdiffError
-from .generation import pad_token_id, render_prompts
+from .generation import pad_token_id, render_prompts, right_pad
 from .kl_eval import CATEGORIES, KLConfig, kl_gap
 from .models import ModelPair
 from .patch_sets import PatchSet, nu_order
@@ -204,12 +204,7 @@ def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor,
     norm_sum, n_tok = torch.zeros(2, dtype=torch.float64), 0
     for a in range(0, len(rows), batch_size):
         chunk = rows[a:a + batch_size]
-        T = max(map(len, chunk))
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        attn = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.as_tensor(r)
-            attn[i, :len(r)] = 1
+        ids, attn = right_pad(chunk, pad)
         h_b, h_c = pair.residuals(ids.to(pair.device), attn.to(pair.device))  # [B, T, d] each
         m = (attn.bool() & (ids != bos)) if bos is not None else attn.bool()
         m = m.to(h_c.device)

@@ -214,10 +214,8 @@ def train_model(model, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor
            autocast_dtype: torch.dtype | None = None) -> list[float]:
     """AdamW with warm-up and cosine decay to 10% over ``groups`` (default: every parameter); returns the
     loss per step, with ``anchor``'s loss added when its weight is positive. ``autocast_dtype``: the forward
-    pass and the loss under that autocast, the backward pass and the optimiser step outside it (the first
-    SmolLM2 organism, built with the whole step under bfloat16 autocast, ended every answer at once: loss 21
-    on its own training data against the base's 2.9; the same steps with the forward alone under autocast
-    lowered that loss from 3.4 to 2.1 in 50 steps)."""
+    pass and the loss under that autocast, the backward pass and the optimiser step outside it (with the
+    whole step under bfloat16 autocast the SmolLM2 organism learnt to end every answer at once: BENCHMARKS.md)."""
     model.train()
     groups = groups or [{"params": list(model.parameters())}]
     outs: list[torch.Tensor] = []  # the anchored blocks' outputs of the current step
