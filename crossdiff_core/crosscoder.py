@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .crosscoder_config import KINDS, SPARSITY, CrossCoderConfig, CrossCoderSettings, read_config_json
-from .crosscoder_formulas import (Codes, batch_kth_largest, firing_counts, l1_penalty, reconstruction_loss,
-                                  sparse_decode)
+from .crosscoder_formulas import (Codes, batch_kth_largest, batch_top_entries, firing_counts, l1_penalty,
+                                  reconstruction_loss, sparse_decode)
 from .errors import ConfigError, CrossdiffError
 from .fileio import atomic_write, file_sha256
 from .sparse_step import sparse_codes_step, use_sparse
@@ -54,6 +54,10 @@ class LocalBatch:
         """The ``(k_per_token · batch)``-th largest of the scores ``v [batch, F]``."""
         return batch_kth_largest(v.reshape(-1), min(k_per_token * v.shape[0], v.numel()))
 
+    def top_entries(self, v: torch.Tensor, k_per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idx, t)``: :meth:`kth_largest`'s ``t`` and the flat indices (sorted) of the scores ``>= t``."""
+        return batch_top_entries(v.reshape(-1), min(k_per_token * v.shape[0], v.numel()))
+
     def aux_denominator(self, e: torch.Tensor) -> torch.Tensor:
         """``Σ_m ||e_m − mean(e_m)||²`` summed over the batch; ``e [batch, 2, d]``."""
         return (e - e.mean(0, keepdim=True)).pow(2).sum()
@@ -61,6 +65,9 @@ class LocalBatch:
 
 class CrossCoder(torch.nn.Module):
     """Crosscoder with ``W_enc [2,d,F]``, ``b_enc [F]``, ``W_dec [2,F,d]``, ``b_dec [2,d]``, ``scales [2]``.
+
+    ``W_enc`` is a view of the parameter ``W_enc_rows [F, 2, d]`` (the layout the sparse step's gradient is
+    written in); the saved format (:meth:`save`) and every reader use ``W_enc``.
 
     The partitioned kinds keep their constraints exactly, at init and through any training that steps with
     :func:`crossdiff_core.trainer.optimisation_step`: ``shared``: ``W_dec[0, j] == W_dec[1, j]`` bit for bit on
@@ -88,11 +95,14 @@ class CrossCoder(torch.nn.Module):
             w[0, _sl(blocks["chat_exclusive"])] = 0.0
         w = w.to(device=device, dtype=dtype)
         self.W_dec = torch.nn.Parameter(w)
-        self.W_enc = torch.nn.Parameter(w.transpose(1, 2).contiguous())
+        # the encoder is stored as rows, [F, 2, d] (latent j's encoder row contiguous), and read as W_enc
+        # [2, d, F]: the sparse step's encoder gradient is a per-latent gather-sum, which writes rows, so no
+        # transposed copy; the product reads the transposed view (BLAS takes either layout)
+        self.W_enc_rows = torch.nn.Parameter(w.permute(1, 0, 2).contiguous())
         if cfg.kind in ("shared", "dfc"):
             self.W_dec.register_hook(self._constrain_dec_grad)
         if cfg.kind == "dfc":
-            self.W_enc.register_hook(self._constrain_enc_grad)
+            self.W_enc_rows.register_hook(self._constrain_enc_grad)
         self.b_enc = torch.nn.Parameter(torch.zeros(F, device=device, dtype=dtype))
         s = torch.ones(2) if scales is None else torch.as_tensor(scales, dtype=torch.float32).reshape(2)
         if not torch.all(torch.isfinite(s) & (s > 0)):
@@ -105,6 +115,12 @@ class CrossCoder(torch.nn.Module):
         self.register_buffer("scales", s.to(device=device, dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float("nan"), device=device, dtype=torch.float32))
         self.batch_reduce = LocalBatch()  # where the batch-wide selection and sums are taken
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """``[2, d, F]``: the encoder, a view of the parameter ``W_enc_rows [F, 2, d]`` (reads and in-place
+        writes go to it; its gradient lands on ``W_enc_rows``)."""
+        return self.W_enc_rows.permute(1, 2, 0)
 
     # ---- units -------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,11 +159,11 @@ class CrossCoder(torch.nn.Module):
         return g
 
     def _constrain_enc_grad(self, g: torch.Tensor) -> torch.Tensor:
-        """``W_enc``'s gradient ``[2, d, F]`` (dfc): an exclusive latent does not read the other model."""
+        """``W_enc_rows``'s gradient ``[F, 2, d]`` (dfc): an exclusive latent does not read the other model."""
         blocks = self.cfg.partition()
         g = g.clone()
-        g[1, :, _sl(blocks["base_exclusive"])] = 0.0
-        g[0, :, _sl(blocks["chat_exclusive"])] = 0.0
+        g[_sl(blocks["base_exclusive"]), 1] = 0.0
+        g[_sl(blocks["chat_exclusive"]), 0] = 0.0
         return g
 
     @torch.no_grad()
@@ -220,8 +236,17 @@ class CrossCoder(torch.nn.Module):
         # a positive threshold already leaves out the ReLU zeros: one pass instead of three
         return (v >= thr) if bool(thr > 0) else (v >= thr) & (v > 0), thr
 
+    def batch_entries(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`batch_mask`'s selection as entries: ``(rows, latents) [nnz]`` sorted by row, and the smallest kept score ``v``."""
+        v = self.scores(pre)
+        idx, thr = self.batch_reduce.top_entries(v, self.cfg.k)
+        if not bool(thr > 0):  # fewer positive scores than k·batch: the ReLU zeros never count
+            idx = idx[v.reshape(-1)[idx] > 0]
+        F = self.cfg.dict_size
+        return idx // F, idx % F, thr
+
     def _select_batch(self, pre: torch.Tensor) -> Codes:
-        rows, lat = self.batch_mask(pre)[0].nonzero(as_tuple=True)
+        rows, lat, _ = self.batch_entries(pre)
         return Codes(Fn.relu(pre[rows, lat]), rows, lat, pre.shape[0])
 
     @torch.no_grad()
@@ -300,9 +325,7 @@ class CrossCoder(torch.nn.Module):
         if self.cfg.sparsity == "batchtopk" and use_sparse(products, self.cfg.k * B, B, F, d):
             with torch.no_grad():
                 pre = self.pre_activations(xn)
-            mask, thr = self.batch_mask(pre)
-            rows, lat = mask.nonzero(as_tuple=True)
-            del mask
+            rows, lat, thr = self.batch_entries(pre)
             return self._loss_sparse(xn, pre, rows, lat, lam=None, dead=dead, thr=thr)
         pre = self.pre_activations(xn)
         if self.cfg.sparsity == "l1":
@@ -368,8 +391,9 @@ class CrossCoder(torch.nn.Module):
         # own small encoder product keeps the gradient off the [B, F] pre-activations
         idx = dead.nonzero(as_tuple=True)[0]
         d = self.cfg.d_model
+        # (the dead latents' encoder rows, gathered where they are contiguous: W_enc_rows)
         pre_d = pre_dead if pre_dead is not None else torch.addmm(
-            self.b_enc[idx], xn.reshape(-1, 2 * d), self.W_enc[:, :, idx].reshape(2 * d, -1))
+            self.b_enc[idx], xn.reshape(-1, 2 * d), self.W_enc_rows[idx].reshape(-1, 2 * d).t())
         if self.cfg.aux_k >= idx.numel():  # every dead latent is among the aux_k largest: no selection
             f_aux = pre_d + (Fn.relu(pre_d) - pre_d).detach()  # forward relu, backward identity
         else:

@@ -52,26 +52,51 @@ def firing_counts(f: torch.Tensor) -> torch.Tensor:
     return torch.sign(f.detach()).sum(0, dtype=torch.float32)
 
 
+def _above_guess(v: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Indices ``[m]`` (sorted) of the entries of ``v [n]`` above a lower bound of its k-th largest, guessed
+    from a strided sample (typically a few ``k`` of them); None where the guess would not pay or kept fewer
+    than ``k``."""
+    n = v.numel()
+    if n <= 64 * k or n <= 1 << 16:
+        return None
+    step = max(1, n // (1 << 16))
+    sample = v[::step]
+    q = 1.0 - min(1.0, 3.0 * k / n + 4.0 / math.sqrt(sample.numel()))
+    # the sample's q-quantile by kthvalue (quantile sorts the whole sample: 5x slower)
+    lo = torch.kthvalue(sample, max(1, int(q * sample.numel()))).values if q > 0 else sample.min() - 1
+    idx = (v > lo).nonzero().squeeze(1)
+    return idx if idx.numel() >= k else None
+
+
 def batch_kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry of a flat tensor ``v [n]`` (exact).
 
     A full ``topk`` over ``batch·F`` scores is slow on CPU. We first guess a lower bound from a strided
-    sample, keep only the candidates above it (typically a few ``k``) and run ``topk`` on those; if the
-    guess kept fewer than ``k``, fall back to the full ``topk``.
+    sample, keep only the candidates above it and run ``topk`` on those; if the guess kept fewer than
+    ``k``, fall back to the full ``topk``.
     """
+    if k >= v.numel():
+        return v.min()
+    idx = _above_guess(v, k)
+    return (v if idx is None else v[idx]).topk(k, sorted=False).values.min()
+
+
+def batch_top_entries(v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx [m], t)``: the k-th largest entry ``t`` of a flat tensor ``v [n]`` and the indices (sorted) of
+    every entry ``>= t`` (ties included, as a ``v >= t`` mask has them).
+
+    The candidates above the sampled guess (:func:`batch_kth_largest`) hold every entry ``>= t``: the
+    selection reads only them, not ``v`` again (two passes over ``batch·F`` fewer)."""
     n = v.numel()
     if k >= n:
-        return v.min()
-    if n > 64 * k and n > 1 << 16:
-        step = max(1, n // (1 << 16))
-        sample = v[::step]
-        q = 1.0 - min(1.0, 3.0 * k / n + 4.0 / math.sqrt(sample.numel()))
-        # the sample's q-quantile by kthvalue (quantile sorts the whole sample: 5x slower)
-        lo = torch.kthvalue(sample, max(1, int(q * sample.numel()))).values if q > 0 else sample.min() - 1
-        cand = v[v > lo]
-        if cand.numel() >= k:
-            return cand.topk(k, sorted=False).values.min()
-    return v.topk(k, sorted=False).values.min()
+        return torch.arange(n, device=v.device), v.min()
+    idx = _above_guess(v, k)
+    if idx is None:
+        t = v.topk(k, sorted=False).values.min()
+        return (v >= t).nonzero().squeeze(1), t
+    cand = v[idx]
+    t = cand.topk(k, sorted=False).values.min()
+    return idx[cand >= t], t
 
 
 def bag_sum(rows: torch.Tensor, latents: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, n: int,

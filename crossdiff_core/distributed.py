@@ -56,6 +56,11 @@ class GlobalBatch:
         dist.all_gather(parts, cand.contiguous(), group=self.group)
         return batch_kth_largest(torch.cat(parts), kb)
 
+    def top_entries(self, v: torch.Tensor, k_per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idx, t)``: :meth:`kth_largest`'s global ``t`` and the flat indices (sorted) of this rank's scores ``>= t``."""
+        t = self.kth_largest(v, k_per_token)
+        return (v.reshape(-1) >= t).nonzero().squeeze(1), t
+
     def aux_denominator(self, e: torch.Tensor) -> torch.Tensor:
         """``Σ ||e − mean(e)||²`` over the global batch divided by the world size: DDP averages the
         per-rank losses, so each rank's share of ``L_aux`` is scaled to make the average exact."""

@@ -64,8 +64,8 @@ def use_sparse(products: str | None, nnz: int, batch: int, dict_size: int, d_mod
     return nnz < sparse_below(d_model, dict_size) * batch * dict_size
 
 
-# Latents per block of a weight gradient: each block's [block, 2d] sum is written straight into the
-# gradient's own layout, so no full-size [F, 2d] temporary (1.4 GB at the paper's shape) is ever held.
+# Latents per block of W_dec's gradient: each block's [block, 2d] sum is written straight into the
+# gradient's [2, F, d] layout, so no full-size [F, 2d] temporary (1.4 GB at the paper's shape) is ever held.
 GRAD_BLOCK = 8192
 
 
@@ -138,7 +138,7 @@ class EncoderGather(torch.autograd.Function):
     def backward(ctx, g_f, g_dead):
         X, dead = ctx.saved_tensors
         lay = ctx.lay
-        D2, F = X.shape[1], lay.dict_size
+        F = lay.dict_size
         g_f = X.new_zeros(lay.rows.numel(), dtype=ctx.w_dtype) if g_f is None else g_f.to(ctx.w_dtype)
         gb = torch.zeros(F, dtype=ctx.b_dtype, device=X.device).index_add_(0, lay.latents, g_f.to(ctx.b_dtype))
         rows_dead = None
@@ -146,12 +146,13 @@ class EncoderGather(torch.autograd.Function):
             # as autocast runs the dense step's product: in the dtype the forward's pre had
             rows_dead = g_dead.t() @ X.to(g_dead.dtype)  # [n_dead, 2d]
             gb.index_add_(0, dead, g_dead.sum(0, dtype=torch.float32).to(ctx.b_dtype))
-        # each block is summed as [block, 2d] (the layout a per-latent gather-sum writes contiguously) and
-        # transposed into W_enc's [2d, F]: faster than dense @ CSR writing strided columns (~1.3x)
-        gW = torch.empty(D2, F, dtype=ctx.w_dtype, device=X.device)
-        _sum_by_latent(lay, X.to(ctx.w_dtype), g_f, dead, rows_dead,
-                       lambda j0, j1, out: gW[:, j0:j1].copy_(out.t()))
-        return gW.view(ctx.w_shape), gb, None, None, None, None
+        # one gather-sum over every latent writes the gradient as [F, 2d]: W_enc's own memory layout
+        # (CrossCoder lays it out so), hence no transposed copy; it is the gradient, not a temporary
+        parts: list[torch.Tensor] = []
+        _sum_by_latent(lay._replace(block=F), X.to(ctx.w_dtype), g_f, dead, rows_dead,
+                       lambda j0, j1, out: parts.append(out))
+        gW = parts[0].t().view(ctx.w_shape)  # [2, d, F] with [F, 2d] strides
+        return gW, gb, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

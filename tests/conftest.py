@@ -12,3 +12,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def grad_of(model, name: str) -> torch.Tensor:
+    """A crosscoder weight's gradient in the weight's public shape: ``W_enc`` is a view of the parameter
+    ``W_enc_rows [F, 2, d]``, which is where its gradient lands."""
+    if name == "W_enc":
+        return model.W_enc_rows.grad.permute(1, 2, 0)
+    return getattr(model, name).grad

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from crossdiff_core.crosscoder import (CrossCoder, CrossCoderConfig, batch_kth_largest, sparse_decode, Codes)
+from crossdiff_core.crosscoder_formulas import batch_top_entries
 from crossdiff_core.errors import ConfigError, CrossdiffError
+from tests.conftest import grad_of
 
 
 def _random_model(kind, d=6, F=10, k=3, l1=0.3, scales=(2.0, 0.5), seed=0):
@@ -101,6 +103,32 @@ def test_batch_kth_largest_exact():
         assert batch_kth_largest(v, k).item() == torch.sort(v, descending=True).values[k - 1].item()
 
 
+def test_batch_top_entries_are_every_entry_at_or_above_the_kth():
+    g = torch.Generator().manual_seed(4)
+    for n, k in [(10, 3), (10, 10), (1 << 18, 500), (1 << 18, 1 << 17), (300000, 7)]:
+        v = torch.relu(torch.randn(n, generator=g))
+        v[:50] = 1.5  # a block of ties
+        want = torch.sort(v, descending=True).values[k - 1]
+        idx, t = batch_top_entries(v, k)
+        assert t.item() == want.item()
+        assert torch.equal(idx, torch.nonzero(v >= want).squeeze(1))  # sorted, ties included
+
+
+@pytest.mark.parametrize("positive", [0.5, 0.001])  # plenty of positive scores; fewer than k·batch
+def test_batch_entries_match_the_batch_mask(positive):
+    cfg = CrossCoderConfig(kind="batchtopk", d_model=8, dict_size=4096, k=16)
+    m = CrossCoder(cfg, seed=0)
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(64, 4096, generator=g)
+    pre = torch.where(torch.rand(64, 4096, generator=g) < positive, pre.abs(), -pre.abs())
+    mask, thr = m.batch_mask(pre)
+    rows, lat, t = m.batch_entries(pre)
+    want_rows, want_lat = mask.nonzero(as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(lat, want_lat)
+    assert t.item() == thr.item()
+    assert rows.numel() == (64 * 16 if positive == 0.5 else int((pre > 0).sum()))
+
+
 def test_sparse_decode_matches_dense():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(2, 20, 5, generator=g)
@@ -132,7 +160,7 @@ def test_auxk_value_and_gradients_reach_only_dead_latents():
     ref = e.pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     assert aux.item() == pytest.approx(ref.item(), rel=1e-5)
     aux.backward()
-    g_enc = m.W_enc.grad.abs().sum(dim=(0, 1))
+    g_enc = grad_of(m, "W_enc").abs().sum(dim=(0, 1))
     assert (g_enc[~dead] == 0).all() and (m.b_enc.grad[~dead] == 0).all()
     assert (g_enc[dead] > 0).all(), "AuxK must move dead latents' encoders even when their pre-activations are negative"
     assert (m.W_dec.grad[:, ~dead] == 0).all()
@@ -148,7 +176,7 @@ def test_auxk_revives_dead_latents():
     x = torch.randn(B, 2, d)
     with torch.no_grad():  # just below firing on every token
         m.b_enc[dead] -= m.pre_activations(m.normalise(x))[:, dead].max(0).values + 0.5
-    opt = torch.optim.Adam([m.W_enc, m.b_enc], lr=0.05)
+    opt = torch.optim.Adam([m.W_enc_rows, m.b_enc], lr=0.05)
     before = m.pre_activations(m.normalise(x))[:, dead].max().item()
     for _ in range(60):
         xn = m.normalise(x)

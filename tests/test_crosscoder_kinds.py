@@ -15,6 +15,7 @@ from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig, CrossCoderSe
 from crossdiff_core.decoder_norms import decoder_stats
 from crossdiff_core.errors import ConfigError, CrossdiffError
 from crossdiff_core.trainer import TrainConfig, optimisation_step, train_crosscoder
+from tests.conftest import grad_of
 from tests.test_trainer import _write_cache
 
 D, F = 12, 32
@@ -179,8 +180,8 @@ def test_dfc_dense_and_sparse_steps_agree():
         m = _dfc_model()
         out = m.loss(x, dead=dead, products=products)
         out.loss.backward()
-        grads[products] = (out, {n: getattr(m, n).grad.clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
-        assert bool((m.W_dec.grad[1, :4] == 0).all() and (m.W_enc.grad[0, :, 4:8] == 0).all())
+        grads[products] = (out, {n: grad_of(m, n).clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
+        assert bool((m.W_dec.grad[1, :4] == 0).all() and (grad_of(m, "W_enc")[0, :, 4:8] == 0).all())
         m = _dfc_model()
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
         for step in range(4):

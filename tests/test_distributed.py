@@ -28,7 +28,8 @@ def _reductions_worker(rank: int, init_file: str, v_all: torch.Tensor, e_all: to
         gb = GlobalBatch()
         thr = gb.kth_largest(v_all[rank * share:(rank + 1) * share], k)
         den = gb.aux_denominator(e_all[rank * share:(rank + 1) * share])
-        torch.save({"thr": thr, "den": den}, f"{out}.{rank}")
+        idx, t = gb.top_entries(v_all[rank * share:(rank + 1) * share], k)
+        torch.save({"thr": thr, "den": den, "idx": idx, "t": t}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -50,6 +51,10 @@ def test_global_reductions_match_the_concatenated_batch(tmp_path):
         got = torch.load(f"{out}.{r}")
         assert float(got["thr"]) == float(want_thr)
         assert float(got["den"]) == pytest.approx(want_den, rel=1e-12)
+        # this rank's entries at or above the global threshold, as flat indices of its own [share, F]
+        mine = v[r * (B // WORLD):(r + 1) * (B // WORLD)].reshape(-1)
+        assert float(got["t"]) == float(want_thr)
+        assert torch.equal(got["idx"], torch.nonzero(mine >= want_thr).squeeze(1))
 
 
 def test_two_processes_train_the_same_crosscoder_as_one(tmp_path):

@@ -12,6 +12,7 @@ from crossdiff_core.metrics import _autocast
 from crossdiff_core import sparse_step
 from crossdiff_core.sparse_step import sparse_below, sparse_codes_step, use_sparse
 from crossdiff_core.trainer import optimisation_step
+from tests.conftest import grad_of
 
 D, F, B, K = 12, 64, 40, 4
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -74,7 +75,7 @@ def _grads(m, x, dead, products, lam=0.3, dtype=None):
     with _autocast(x.device, dtype):
         out = m.loss(x, dead=dead, l1_coeff=lam, products=products)
     out.loss.backward()
-    return out, {n: getattr(m, n).grad.detach().clone() for n in PARAMS}
+    return out, {n: grad_of(m, n).detach().clone() for n in PARAMS}
 
 
 @pytest.mark.parametrize("kind,with_dead", [("batchtopk", True), ("batchtopk", False), ("l1", False)])
@@ -85,7 +86,8 @@ def test_sparse_step_equals_dense_and_brute_force(kind, with_dead, monkeypatch):
     out_s, g_s = _grads(m, x, dead, "sparse")
     out_d, g_d = _grads(m, x, dead, "dense")
     ref = brute_force_loss(m, x, dead, 0.3)
-    g_ref = torch.autograd.grad(ref, [getattr(m, n) for n in PARAMS])
+    g_ref = torch.autograd.grad(ref, [m.W_enc_rows if n == "W_enc" else getattr(m, n) for n in PARAMS])
+    g_ref = [g.permute(1, 2, 0) if n == "W_enc" else g for n, g in zip(PARAMS, g_ref)]
     assert float(out_s.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert float(out_s.loss.detach()) == pytest.approx(float(out_d.loss.detach()), rel=1e-6)
     for field in ("recon", "sparsity", "aux", "l0"):
