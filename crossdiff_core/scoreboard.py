@@ -18,9 +18,13 @@ conversations with the same prompts, budgets and ``N``:
    per behaviour ``b`` the AUROC of its trigger prompts against all others
    (:func:`~crossdiff_core.behaviour_tracking.auroc`). The method's detection is the best of its ``N``;
    that direction is the one steered.
-2. **Steering.** The best direction, scaled as the lens is, ``v = a · r_m · u/‖u‖`` (``r_m`` model ``m``'s mean
-   block-``L`` norm over the prompts' tokens), is added at every position while the base and the chat model
-   answer every prompt greedily, for each ``a``; the behaviour's rate over all prompts (triggers and others
+2. **Steering.** The best direction, ``v = a · r_m · u/‖u‖``, is added at every position while the base and the
+   chat model answer every prompt greedily, for each ``a``. ``r_m`` is model ``m``'s block-``L`` scale over the
+   prompts' tokens (``steer_unit``): ``spread``, the RMS distance of a token's activation from the mean activation,
+   ``sqrt(E_t ‖h_t − h̄‖²)``, or ``norm``, the mean norm ``E_t ‖h_t‖`` (the lens paper's). Models with massive
+   activations (a few coordinates far from 0 on every token, as SmolLM2's) have a mean norm set by those
+   coordinates, which no direction orthogonal to them moves: a × that norm wrecks the answers at a = 1 and moves
+   nothing at 0.25 (BENCHMARKS.md); the spread measures how far tokens actually differ; the behaviour's rate over all prompts (triggers and others
    pooled) at the best ``a`` is the headline, beside the unsteered rate (per model).
 3. **KL gap.** On the held-out conversations the chat model's block-``L`` output is replaced by
    ``h_S = h_b + P_U (h_c − h_b)``, ``P_U`` the orthogonal projection onto the span of the method's ``N``
@@ -62,6 +66,7 @@ from .steering import steering, subsample_prompts
 
 FORMAT_VERSION = 1
 RANKINGS = ("dnorm", "nu")
+STEER_UNITS = ("spread", "norm")
 MODELS = ("base", "chat")
 _LENS = DiffLensConfig()
 
@@ -72,7 +77,8 @@ class ScoreboardConfig:
 
     n_directions: int = 8  # N: each method's top-N directions, the same for every method
     rankings: tuple[str, ...] = RANKINGS  # a crosscoder's latents ranked by Δnorm (dnorm) and/or ν (nu): a method each
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # steering scale a, in units of the steered model's mean block-L norm
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # steering scale a, in units of steer_unit
+    steer_unit: str = "spread"  # r_m: the block-L activations' spread, sqrt(E||h - mean h||^2), or their mean norm (norm)
     models: tuple[str, ...] = MODELS  # which models the best directions steer
     max_prompts: int | None = 60  # behaviour prompts (each behaviour keeps its share); None: all
     max_new_tokens: int = 20  # tokens generated per steered answer
@@ -97,6 +103,8 @@ class ScoreboardConfig:
         if bad or not self.rankings:
             raise ConfigError(f"scoreboard.rankings must be a non-empty subset of {RANKINGS} and models of {MODELS}; "
                               f"got {list(self.rankings)} and {list(self.models)}")
+        if self.steer_unit not in STEER_UNITS:
+            raise ConfigError(f"scoreboard.steer_unit must be one of {STEER_UNITS}, got {self.steer_unit!r}")
         if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
             raise ConfigError(f"scoreboard.alphas must be finite numbers (at least one), got {list(self.alphas)}")
         if self.max_prompts is not None and (isinstance(self.max_prompts, bool) or self.max_prompts < 2):
@@ -193,15 +201,18 @@ def unit(directions: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor, *, batch_size: int = 32
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       ) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
     """Each prompt's largest projection ``max_t ⟨h_chat,L[t], u⟩`` on each direction ``U [K, d]`` (unit rows)
-    over its rendered tokens (BOS excluded): ``[P, K]`` float32; and each model's mean block-L norm over those
-    tokens (``{"base": r_b, "chat": r_c}``, the steering scale)."""
+    over its rendered tokens (BOS excluded): ``[P, K]`` float32; and each model's block-L scale over those
+    tokens per steering unit (:data:`STEER_UNITS`): ``{"norm": {"base": E‖h_b‖, "chat": E‖h_c‖}, "spread":
+    {"base": sqrt(E‖h_b − h̄_b‖²), ...}}``."""
     rows, pad = render_prompts(pair.tokenizer, prompts), pad_token_id(pair.tokenizer)
     bos = pair.tokenizer.bos_token_id
     Ud = U.to(device=pair.device, dtype=torch.float32)
     out = torch.empty(len(rows), U.shape[0], dtype=torch.float32)
-    norm_sum, n_tok = torch.zeros(2, dtype=torch.float64), 0
+    # per model, float64 sums over tokens of ‖h‖, ‖h‖² and h: the mean norm and the spread E‖h‖² − ‖E h‖²
+    norm_sum, sq_sum = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    vec_sum, n_tok = torch.zeros(2, pair.d_model, dtype=torch.float64), 0
     for a in range(0, len(rows), batch_size):
         chunk = rows[a:a + batch_size]
         ids, attn = right_pad(chunk, pad)
@@ -211,10 +222,15 @@ def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor,
         proj = h_c.float() @ Ud.T  # [B, T, K]
         proj = proj.masked_fill(~m[..., None], float("-inf"))
         out[a:a + len(chunk)] = proj.amax(1).cpu()
-        norm_sum += torch.stack([h_b.float()[m].norm(dim=-1).double().sum(), h_c.float()[m].norm(dim=-1).double().sum()]).cpu()
+        h = torch.stack([h_b[m], h_c[m]]).double()  # [2, tokens, d]
+        norm_sum += h.norm(dim=-1).sum(1).cpu()
+        sq_sum += h.pow(2).sum((1, 2)).cpu()
+        vec_sum += h.sum(1).cpu()
         n_tok += int(m.sum())
-    r = (norm_sum / max(1, n_tok)).tolist()
-    return out, {"base": r[0], "chat": r[1]}
+    n = max(1, n_tok)
+    spread = (sq_sum / n - (vec_sum / n).pow(2).sum(1)).clamp_min(0).sqrt()
+    scales = {"norm": norm_sum / n, "spread": spread}
+    return out, {u: {"base": float(v[0]), "chat": float(v[1])} for u, v in scales.items()}
 
 
 # ---- KL -----------------------------------------------------------------------------------------------
@@ -310,7 +326,8 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     t0 = time.perf_counter()
     U = [unit(m.directions[: cfg.n_directions]) for m in methods]
     sizes = [u.shape[0] for u in U]
-    proj, norms = prompt_projections(pair, [p["text"] for p in prompts], torch.cat(U), batch_size=cfg.batch_size)
+    proj, scales = prompt_projections(pair, [p["text"] for p in prompts], torch.cat(U), batch_size=cfg.batch_size)
+    norms = scales[cfg.steer_unit]
     per_method = torch.split(proj, sizes, dim=1)
     t1 = time.perf_counter()
 
@@ -368,7 +385,7 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     return {"format_version": FORMAT_VERSION, "layer": pair.layer, "n_directions": cfg.n_directions,
             "behaviours": behaviours, "n_prompts": len(prompts),
             "prompt_kinds": {k: int((expected == k).sum()) for k in sorted(set(expected))},
-            "steer_norms": norms, "unsteered": unsteered, "kl_base": kl["base"]["kl"],
+            "steer_norms": norms, "steer_unit": cfg.steer_unit, "steer_scales": scales, "unsteered": unsteered, "kl_base": kl["base"]["kl"],
             "kl_tokens": kl["n_tokens"], "kl_sequences": kl["n_sequences"], "methods": board, "rows": rows,
             "config": asdict(cfg), "timings": {"detect_s": t1 - t0, "steer_s": t2 - t1, "kl_s": t3 - t2,
                                                "total_s": time.perf_counter() - t0}}

@@ -49,15 +49,20 @@ def test_projections_match_full_forwards(planted):
     pair, _ = planted
     prompts = [p["text"] for p in SPEC.prompts()]
     U = unit(torch.randn(3, pair.d_model, generator=torch.Generator().manual_seed(0)))
-    got, norms = prompt_projections(pair, prompts, U, batch_size=2)  # batches of unequal lengths: padding
+    got, scales = prompt_projections(pair, prompts, U, batch_size=2)  # batches of unequal lengths: padding
     rows = render_prompts(pair.tokenizer, prompts)
-    want, nb, nc, n = [], 0.0, 0.0, 0
+    want, hb_all, hc_all = [], [], []
     for r in rows:
         hc, hb = _hidden(pair.chat, r)[1:], _hidden(pair.base, r)[1:]  # BOS excluded
         want.append((hc @ U.double().T).max(0).values)
-        nb, nc, n = nb + float(hb.norm(dim=1).sum()), nc + float(hc.norm(dim=1).sum()), n + len(r) - 1
+        hb_all.append(hb)
+        hc_all.append(hc)
     torch.testing.assert_close(got.double(), torch.stack(want), atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose([norms["base"], norms["chat"]], [nb / n, nc / n], rtol=1e-5)
+    for name, h in (("base", torch.cat(hb_all)), ("chat", torch.cat(hc_all))):
+        np.testing.assert_allclose(scales["norm"][name], float(h.norm(dim=1).mean()), rtol=1e-5)
+        # the spread: the RMS distance of a token's activation from the mean one (numpy's own variance)
+        hn = h.numpy()
+        np.testing.assert_allclose(scales["spread"][name], float(np.sqrt(hn.var(axis=0).sum())), rtol=1e-5)
 
 
 def _board(pair, seqs, methods, **kw):

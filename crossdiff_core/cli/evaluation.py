@@ -119,7 +119,8 @@ def scoreboard(
     chat: str = _chat_opt(),
     layer: int = _layer_opt(),
     n_directions: int = typer.Option(SCOREBOARD["n_directions"], help="N: each method's top-N directions"),
-    alphas: str = typer.Option(",".join(f"{a:g}" for a in SCOREBOARD["alphas"]), help="comma-separated steering scales a (x the model's mean norm)"),
+    alphas: str = typer.Option(",".join(f"{a:g}" for a in SCOREBOARD["alphas"]), help="comma-separated steering scales a (x --steer-unit)"),
+    steer_unit: str = typer.Option(SCOREBOARD["steer_unit"], help="the steering scale r: spread (RMS distance of a token's block activation from the mean) or norm (mean norm)"),
     max_prompts: int = typer.Option(SCOREBOARD["max_prompts"], help="behaviour prompts used (each behaviour keeps its share); 0: all"),
     max_new_tokens: int = typer.Option(SCOREBOARD["max_new_tokens"], help="tokens generated per steered answer"),
     tokens: int = typer.Option(EVALUATE["tokens"], help="conversation tokens of the KL gap"),
@@ -145,7 +146,8 @@ def scoreboard(
         ccs, lats = _named(crosscoder, "--crosscoder"), _named(latents, "--latents")
         if set(ccs) != set(lats):
             raise ConfigError(f"--crosscoder names {sorted(ccs)} and --latents names {sorted(lats)} must be the same")
-        cfg = ScoreboardConfig(n_directions=n_directions, alphas=_alphas(alphas), max_prompts=max_prompts or None,
+        cfg = ScoreboardConfig(n_directions=n_directions, alphas=_alphas(alphas), steer_unit=steer_unit,
+                               max_prompts=max_prompts or None,
                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, dtype=dtype,
                                device=device, progress=progress)
         ev = EvaluateConfig(chats=list(chats), tokens=tokens, max_length=max_length, seed=seed, dtype=dtype,

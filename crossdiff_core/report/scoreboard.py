@@ -71,10 +71,15 @@ def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
         methods.append({"name": m["name"], "description": m["description"], "labels": ", ".join(m["labels"]),
                         "latents": m.get("latents"), "tokens": toks})
     cfg = board.get("config") or {}
+    unit = board.get("steer_unit", "norm")  # boards written before the setting steered by the mean norm
+    scale = ("the spread of its block activations (RMS distance of a token's from the mean)" if unit == "spread"
+             else "its mean block norm")
+    r = board.get("steer_norms") or {}
+    scale += " (" + ", ".join(f"{k} {v:.3g}" for k, v in r.items()) + ")" if r else ""
     protocol = (f"Each method proposes its top {board['n_directions']} directions at block {board['layer']}. Detection: AUROC of "
                 f"a prompt's largest projection on the chat model's activations (trigger prompts vs the rest, "
                 f"{board['n_prompts']} prompts), best of the N. Steering: that best direction, scaled to a × the "
-                f"model's mean block norm (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best a. "
+                f"model's {scale} (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best a. "
                 f"KL gap: the share closed when the chat model's block output is replaced by h_b + P(h_c − h_b), P "
                 f"the projection onto the span of the N directions ({board.get('kl_tokens', {}).get('response', 0)} "
                 f"answer tokens of {board.get('kl_sequences', 0)} held-out conversations).")
