@@ -24,8 +24,9 @@ conversations with the same prompts, budgets and ``N``:
    ``sqrt(E_t ‖h_t − h̄‖²)``, or ``norm``, the mean norm ``E_t ‖h_t‖`` (the lens paper's). Models with massive
    activations (a few coordinates far from 0 on every token, as SmolLM2's) have a mean norm set by those
    coordinates, which no direction orthogonal to them moves: a × that norm wrecks the answers at a = 1 and moves
-   nothing at 0.25 (BENCHMARKS.md); the spread measures how far tokens actually differ; the behaviour's rate over all prompts (triggers and others
-   pooled) at the best ``a`` is the headline, beside the unsteered rate (per model).
+   nothing at 0.25 (BENCHMARKS.md); the spread measures how far tokens actually differ. The behaviour's rate
+   over all prompts (triggers and others pooled) at the best ``a`` is the headline, beside the unsteered rate
+   (per model).
 3. **KL gap.** On the held-out conversations the chat model's block-``L`` output is replaced by
    ``h_S = h_b + P_U (h_c − h_b)``, ``P_U`` the orthogonal projection onto the span of the method's ``N``
    directions, and the chat model runs on (:func:`~crossdiff_core.kl_eval.kl_gap`): the share
