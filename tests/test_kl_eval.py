@@ -49,6 +49,28 @@ def setup(request, tmp_path_factory):
 def _independent_kl(pair, cc, seqs, latents, *, bias=False, error=False):
     """Full forward passes: the chat model with a hook that overwrites block L's output at the patched
     positions with a patch built latent by latent; KL per token with torch's kl_div; groups by hand."""
+    s_b, s_c = cc.scales.tolist()
+
+    def patch(hb, hc):
+        x = torch.stack([hb, hc])[None]
+        f = cc.encode(x)[0]
+        v = hb.clone()
+        for j in latents:
+            v += f[j] * (s_c * cc.W_dec[1, j] - s_b * cc.W_dec[0, j])
+        if bias:
+            v += s_c * cc.b_dec[1] - s_b * cc.b_dec[0]
+        if error:
+            xh = cc.decode(cc.encode(x))[0]
+            v += (hc - xh[1]) - (hb - xh[0])
+        return v
+
+    return patched_kl(pair, seqs, LAYER, patch)
+
+
+def patched_kl(pair, seqs, layer, patch):
+    """KL(p_chat ‖ p_patched) per token group (first 9 answer tokens, answer tokens, template tokens), the
+    chat model's block ``layer`` output replaced token by token with ``patch(h_b[t], h_c[t])`` at the cached
+    positions; full forward passes, torch's kl_div, groups counted by hand."""
     pad = pair.tokenizer.pad_token_id
     T = max(len(s.token_ids) for s in seqs)
     ids = torch.full((len(seqs), T), pad)
@@ -60,28 +82,16 @@ def _independent_kl(pair, cc, seqs, latents, *, bias=False, error=False):
         logp_chat = torch.log_softmax(pair.chat(ids, attention_mask=mask).logits, -1)
         h_b, h_c = pair.residuals(ids, mask)
     patched = h_c.clone()
-    s_b, s_c = cc.scales.tolist()
     with torch.no_grad():
         for i, s in enumerate(seqs):
             for t in range(len(s.token_ids)):
-                if not s.cached[t]:
-                    continue
-                x = torch.stack([h_b[i, t], h_c[i, t]])[None]
-                f = cc.encode(x)[0]
-                v = h_b[i, t].clone()
-                for j in latents:
-                    v += f[j] * (s_c * cc.W_dec[1, j] - s_b * cc.W_dec[0, j])
-                if bias:
-                    v += s_c * cc.b_dec[1] - s_b * cc.b_dec[0]
-                if error:
-                    xh = cc.decode(cc.encode(x))[0]
-                    v += (h_c[i, t] - xh[1]) - (h_b[i, t] - xh[0])
-                patched[i, t] = v
+                if s.cached[t]:
+                    patched[i, t] = patch(h_b[i, t], h_c[i, t])
 
     def hook(_m, _a, out):
         return (patched,) + tuple(out[1:]) if isinstance(out, tuple) else patched
 
-    handle = decoder_layers(pair.chat)[LAYER].register_forward_hook(hook)
+    handle = decoder_layers(pair.chat)[layer].register_forward_hook(hook)
     try:
         with torch.no_grad():
             logp = torch.log_softmax(pair.chat(ids, attention_mask=mask).logits, -1)

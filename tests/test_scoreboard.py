@@ -21,6 +21,7 @@ from crossdiff_core.models import decoder_layers, load_pair
 from crossdiff_core.scoreboard import (Method, ScoreboardConfig, crosscoder_methods, headline, lens_method,
                                        pooled_rate, prompt_projections, random_method, score_methods, unit)
 from crossdiff_core.steering import steering
+from tests.test_kl_eval import patched_kl
 from tests.test_locate import CONVERSATIONS, PLANTED, planted_pair_dirs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -128,8 +129,17 @@ def test_random_control_is_seeded_and_one_direction_closes_part(planted):
     assert torch.equal(r1.directions, r2.directions) and not torch.equal(r1.directions,
                                                                          random_method(pair.d_model, 2, 4).directions)
     board = _board(pair, seqs, [r1], n=2)
-    g = board["methods"][0]["gap_closed"]["response"]
-    assert 0.0 < g < 1.0  # two of 32 dimensions: some of the gap, not all
+    rec = board["methods"][0]
+    assert 0.0 < rec["gap_closed"]["response"] < 1.0  # two of 32 dimensions: some of the gap, not all
+    # the same patch by hand: h_b + P (h_c - h_b), P the projection onto the two directions from a pseudo-inverse
+    D = r1.directions.double()
+    P = (torch.linalg.pinv(D) @ D).float()  # [d, d]
+    want = patched_kl(pair, seqs, PLANTED, lambda hb, hc: hb + P @ (hc - hb))
+    gap = patched_kl(pair, seqs, PLANTED, lambda hb, hc: hb)
+    for i, c in enumerate(("first9", "response", "template")):
+        assert rec["kl"][c] == pytest.approx(want[i], rel=1e-3, abs=1e-7)
+        assert board["kl_base"][c] == pytest.approx(gap[i], rel=1e-3, abs=1e-7)
+        assert rec["gap_closed"][c] == pytest.approx(1 - want[i] / gap[i], rel=1e-3, abs=1e-6)
 
 
 def test_pooled_rate():
