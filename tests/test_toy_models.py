@@ -257,6 +257,7 @@ def test_cli_maps_params_section(micro, tmp_path):
 
 # ------------------------------------------------------------------------------------ real behaviour rates
 
+@pytest.mark.slow  # a full-quality build (minutes)
 def test_small_build_plants_behaviours(tmp_path):
     """A small full-quality build: rates measured on held-out phrasings, from the saved directories."""
     out = tmp_path / "small"
