@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import yaml
 
 from crossdiff_core.analysis import run_analysis
 from crossdiff_core.trainer import TrainConfig, train_crosscoder
+from tasks.training import train_settings
 
 # variant -> overrides of the params file's train section (crosscoder knobs under "crosscoder"); the first is
 # the trainer's defaults (Gao et al.'s AuxK weight 1/32, a 200k-token dead window)
@@ -41,8 +41,7 @@ def settings(train: dict, override: dict) -> TrainConfig:
         else:
             t[k] = v
     t["progress"] = False
-    tc = TrainConfig.from_dict(t)
-    return replace(tc, crosscoder=tc.crosscoder.for_kind("batchtopk"))
+    return train_settings("batchtopk", t)  # the pipeline's own mapping of a params train section
 
 
 def main() -> None:
