@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import typer
 
-from .common import ANALYZE, CARDS, AnalysisConfig, CardsConfig, _crosscoder_opt, _fail, _latents_opt, app
+from .common import AnalysisConfig, CardsConfig, _crosscoder_opt, _fail, _latents_opt, app
+from .options import Spec, config_options
+
+ANALYZE_OPTIONS = Spec(AnalysisConfig)
+CARDS_OPTIONS = Spec(CardsConfig)
 
 
 @app.command()
+@config_options(ANALYZE_OPTIONS)
 def analyze(
     crosscoder: str = _crosscoder_opt(),
     cache: str = typer.Option(..., help="activation cache directory to analyse over"),
     out: str = typer.Option(..., help="output latents.parquet (DESIGN §2)"),
     summary: str = typer.Option(None, help="summary JSON (default: OUT with .summary.json)"),
     plots: str = typer.Option(None, help="write the PNG plots into this directory"),
-    batch_size: int = typer.Option(ANALYZE["batch_size"], help="tokens per batch of the streaming pass"),
-    direction: str = typer.Option(ANALYZE["direction"], help="Latent Scaling direction: auto (base row for base-only latents), chat, base"),
-    nu_error_max: float = typer.Option(ANALYZE["nu_error_max"], help="fixed filter: chat-specific needs nu_error below this"),
-    nu_recon_max: float = typer.Option(ANALYZE["nu_recon_max"], help="fixed filter: chat-specific needs nu_recon below this"),
-    coverage: float = typer.Option(ANALYZE["coverage"], help="data-driven filter: central interval of the shared latents' nu"),
-    min_shared_fires: int = typer.Option(ANALYZE["min_shared_fires"], help="data-driven filter: only shared latents firing on at least this many tokens"),
-    decoupling_cosine: float = typer.Option(ANALYZE["decoupling_cosine"], help="decoupling suspects: chat-only/base-only decoder cosine above this"),
-    allow_other_cache: bool = typer.Option(ANALYZE["allow_other_cache"], help="analyse on a cache other than the training one without checking its models"),
-    device: str = typer.Option(ANALYZE["device"], help="torch device, e.g. cuda"),
+    **settings,
 ) -> None:
     """Per-latent decoder statistics, Latent Scaling (β, ν), filters and decoupling suspects."""
     import json
@@ -33,10 +30,7 @@ def analyze(
         from ..analysis import run_analysis
         from ..runs import default_summary_path
 
-        cfg = AnalysisConfig(batch_size=batch_size, direction=direction, nu_error_max=nu_error_max,
-                             nu_recon_max=nu_recon_max, coverage=coverage, min_shared_fires=min_shared_fires,
-                             decoupling_cosine=decoupling_cosine,
-                             allow_other_cache=allow_other_cache, device=device)
+        cfg = ANALYZE_OPTIONS.build(settings)
         res = run_analysis(crosscoder, cache, out, summary_path=summary, plots_dir=plots, cfg=cfg)
     except CrossdiffError as err:
         _fail(err)
@@ -48,6 +42,7 @@ def analyze(
 
 
 @app.command()
+@config_options(CARDS_OPTIONS)
 def cards(
     crosscoder: str = _crosscoder_opt(),
     latents: str = _latents_opt(),
@@ -56,16 +51,7 @@ def cards(
     steering: str = typer.Option(None, help="steering results (crossdiff steer) to attach"),
     tracking: str = typer.Option(None, help="behaviour-tracking table (crossdiff steer) to attach"),
     tokenizer: str = typer.Option(None, help="tokenizer directory (default: the chat model the cache records)"),
-    n_contexts: int = typer.Option(CARDS["n_contexts"], help="top-activating contexts per latent"),
-    before: int = typer.Option(CARDS["before"], help="context tokens before the top token"),
-    after: int = typer.Option(CARDS["after"], help="context tokens after it"),
-    n_shared: int = typer.Option(CARDS["n_shared"], help="shared latents sampled for comparison"),
-    max_chat_only: int = typer.Option(CARDS["max_chat_only"], help="at most this many chat-only latents (most chat-specific first; default: all)"),
-    batch_size: int = typer.Option(CARDS["batch_size"], help="cache rows per batch"),
-    seed: int = typer.Option(CARDS["seed"], help="seed of the shared sample"),
-    device: str = typer.Option(CARDS["device"], help="torch device"),
-    progress: bool = typer.Option(CARDS["progress"], help="show a progress bar"),
-    allow_mismatch: bool = typer.Option(CARDS["allow_mismatch"], help="use a cache or a latents.parquet that is not the crosscoder's own, deliberately (the content checks are skipped)"),
+    **settings,
 ) -> None:
     """Latent cards: top contexts with per-token activations, histogram and statistics per latent."""
     import json
@@ -77,9 +63,7 @@ def cards(
         from ..fileio import write_json
         from ..runs import read_stage_json, read_tracking
 
-        cfg = CardsConfig(n_contexts=n_contexts, before=before, after=after, n_shared=n_shared,
-                          max_chat_only=max_chat_only, batch_size=batch_size, seed=seed, device=device, progress=progress,
-                          allow_mismatch=allow_mismatch)
+        cfg = CARDS_OPTIONS.build(settings)
         res = cards_for(crosscoder, latents, cache, cfg,
                         steering=read_stage_json(steering, required=("latents",)) if steering else None,
                         tracking=read_tracking(tracking) if tracking else None, tokenizer=tokenizer)

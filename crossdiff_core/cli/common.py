@@ -48,12 +48,6 @@ def _layer_opt():
     return typer.Option(None, help="block L (default: from the training cache)")
 
 
-def _allow_mismatch_opt(default: bool):
-    return typer.Option(default, help="use models or a latents.parquet that are not the crosscoder's own, deliberately "
-                                      "(the checks of their content fingerprints are skipped)")
-
-
-
 def _progress_opt():
     return typer.Option(True, help="show a progress bar")
 

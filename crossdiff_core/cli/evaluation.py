@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from .common import (EVALUATE, SCOREBOARD, STEER, TITLE, EvaluateConfig, SteerConfig, _alphas, _allow_mismatch_opt, _base_opt,
+from .common import (EVALUATE, SCOREBOARD, STEER, TITLE, EvaluateConfig, ScoreboardConfig, SteerConfig, _alphas, _base_opt,
                      _chat_opt, _crosscoder_opt, _fail, _latents_opt, _layer_opt, _named, app)
+from .options import Spec, config_options
+
+# the settings whose command-line form differs (a comma list, 0 for "all", a repeatable --latent) are the
+# commands' own options
+EVALUATE_OPTIONS = Spec(EvaluateConfig, exclude=("chats",))
+STEER_OPTIONS = Spec(SteerConfig, exclude=("alphas", "models", "latents", "behaviours", "prompts", "max_prompts"))
+SCOREBOARD_OPTIONS = Spec(ScoreboardConfig, exclude=("rankings", "alphas", "models", "max_prompts"))
 
 
 @app.command()
+@config_options(EVALUATE_OPTIONS)
 def evaluate(
     crosscoder: str = _crosscoder_opt(),
     latents: str = _latents_opt(),
@@ -17,17 +25,7 @@ def evaluate(
     base: str = _base_opt(),
     chat: str = _chat_opt(),
     layer: int = _layer_opt(),
-    tokens: int = typer.Option(EVALUATE["tokens"], help="conversation tokens to evaluate on"),
-    max_length: int = typer.Option(EVALUATE["max_length"], help="tokens per conversation, BOS included"),
-    split: str = typer.Option(EVALUATE["split"], help="dataset split for datasets names"),
-    messages_column: str = typer.Option(EVALUATE["messages_column"], help="the chats' {role, content} list column"),
-    n_random: int = typer.Option(EVALUATE["n_random"], help="random sets of chat-only latents (the spread)"),
-    seed: int = typer.Option(EVALUATE["seed"], help="seed for the conversation order and the random sets"),
-    batch_size: int = typer.Option(EVALUATE["batch_size"], help="conversations per batch"),
-    dtype: str = typer.Option(EVALUATE["dtype"], help="model dtype: float32 or bfloat16"),
-    device: str = typer.Option(EVALUATE["device"], help="torch device: cpu, cuda or auto"),
-    progress: bool = typer.Option(EVALUATE["progress"], help="show a progress bar"),
-    allow_mismatch: bool = _allow_mismatch_opt(EVALUATE["allow_mismatch"]),
+    **settings,
 ) -> None:
     """KL-gap patching: how much of the chat model's behaviour each set of latents carries."""
     import json
@@ -38,9 +36,7 @@ def evaluate(
         from ..fileio import write_json
         from ..kl_eval import evaluate_crosscoder
 
-        cfg = EvaluateConfig(chats=list(chats), messages_column=messages_column, split=split, tokens=tokens,
-                             max_length=max_length, n_random=n_random, seed=seed, batch_size=batch_size, dtype=dtype,
-                             device=device, progress=progress, allow_mismatch=allow_mismatch)
+        cfg = EVALUATE_OPTIONS.build(settings, chats=list(chats))
         d = evaluate_crosscoder(crosscoder, latents, cfg, base=base, chat=chat, layer=layer)
         write_json(d, out)
     except CrossdiffError as err:
@@ -50,6 +46,7 @@ def evaluate(
 
 
 @app.command()
+@config_options(STEER_OPTIONS)
 def steer(
     crosscoder: str = _crosscoder_opt(),
     latents: str = _latents_opt(),
@@ -59,21 +56,12 @@ def steer(
     prompts: str = typer.Option(None, help="prompt file (.txt lines, or .jsonl/.json with `text`); default: the behaviour spec's"),
     latent: list[int] = typer.Option(None, help="latents to steer (repeatable); default: chosen by ν rank, tracking and a shared sample"),
     alphas: str = typer.Option(",".join(f"{a:g}" for a in STEER["alphas"]), help="comma-separated steering coefficients a"),
-    n_top: int = typer.Option(STEER["n_top"], help="default choice: most chat-specific chat-only latents (ν rank)"),
-    n_tracking: int = typer.Option(STEER["n_tracking"], help="default choice: best trackers of each behaviour over all live latents (plus each class's best)"),
-    n_shared: int = typer.Option(STEER["n_shared"], help="default choice: random shared latents (controls)"),
-    max_prompts: int = typer.Option(STEER["max_prompts"], help="use at most this many prompts (each behaviour keeps its share); 0: all"),
-    max_new_tokens: int = typer.Option(STEER["max_new_tokens"], help="tokens generated per answer"),
+    max_prompts: int = typer.Option(STEER["max_prompts"] or 0, help="use at most this many prompts (each behaviour keeps its share); 0: all"),
     tracking: str = typer.Option(None, help="behaviour-tracking table output (default: OUT with .tracking.parquet)"),
     base: str = _base_opt(),
     chat: str = _chat_opt(),
     layer: int = _layer_opt(),
-    batch_size: int = typer.Option(STEER["batch_size"], help="prompts per generation batch"),
-    seed: int = typer.Option(STEER["seed"], help="seed for prompt subsampling and the shared sample"),
-    dtype: str = typer.Option(STEER["dtype"], help="model dtype"),
-    device: str = typer.Option(STEER["device"], help="torch device: cpu, cuda or auto"),
-    progress: bool = typer.Option(STEER["progress"], help="show a progress bar"),
-    allow_mismatch: bool = _allow_mismatch_opt(STEER["allow_mismatch"]),
+    **settings,
 ) -> None:
     """Steer base and chat model with latents (a · max_act · d_chat at layer L) and record what changes."""
     import json
@@ -89,11 +77,8 @@ def steer(
         sweep = _alphas(alphas)
         if not prompts and not behaviours:
             raise ConfigError("no prompts: pass --prompts FILE or --behaviours SPEC")
-        cfg = SteerConfig(alphas=sweep, max_new_tokens=max_new_tokens, behaviours=behaviours, prompts=prompts,
-                          latents=latent or None,
-                          n_top=n_top, n_tracking=n_tracking, n_shared=n_shared, max_prompts=max_prompts or None,
-                          seed=seed, dtype=dtype, batch_size=batch_size, device=device, progress=progress,
-                          allow_mismatch=allow_mismatch)
+        cfg = STEER_OPTIONS.build(settings, alphas=sweep, behaviours=behaviours, prompts=prompts, latents=latent or None,
+                                  max_prompts=max_prompts or None)
         res, track = steer_crosscoder(crosscoder, latents, behaviours=behaviours, cfg=cfg, base=base, chat=chat,
                                       layer=layer)
         res["inputs"]["prompts"] = prompts
@@ -108,6 +93,7 @@ def steer(
 
 
 @app.command()
+@config_options(SCOREBOARD_OPTIONS)
 def scoreboard(
     crosscoder: list[str] = typer.Option(..., help="NAME=crosscoder directory per crosscoder (repeatable; all from one cache)"),
     latents: list[str] = typer.Option(..., help="NAME=latents.parquet for each --crosscoder NAME (crossdiff analyze)"),
@@ -118,18 +104,11 @@ def scoreboard(
     base: str = _base_opt(),
     chat: str = _chat_opt(),
     layer: int = _layer_opt(),
-    n_directions: int = typer.Option(SCOREBOARD["n_directions"], help="N: each method's top-N directions"),
     alphas: str = typer.Option(",".join(f"{a:g}" for a in SCOREBOARD["alphas"]), help="comma-separated steering scales a (x --steer-unit)"),
-    steer_unit: str = typer.Option(SCOREBOARD["steer_unit"], help="the steering scale r: spread (RMS distance of a token's block activation from the mean) or norm (mean norm)"),
-    max_prompts: int = typer.Option(SCOREBOARD["max_prompts"], help="behaviour prompts used (each behaviour keeps its share); 0: all"),
-    max_new_tokens: int = typer.Option(SCOREBOARD["max_new_tokens"], help="tokens generated per steered answer"),
+    max_prompts: int = typer.Option(SCOREBOARD["max_prompts"] or 0, help="behaviour prompts used (each behaviour keeps its share); 0: all"),
     tokens: int = typer.Option(EVALUATE["tokens"], help="conversation tokens of the KL gap"),
     max_length: int = typer.Option(EVALUATE["max_length"], help="tokens per conversation, BOS included"),
-    seed: int = typer.Option(SCOREBOARD["seed"], help="seed of the random directions and the prompt subsample"),
-    batch_size: int = typer.Option(SCOREBOARD["batch_size"], help="prompts per batch"),
-    dtype: str = typer.Option(SCOREBOARD["dtype"], help="model dtype"),
-    device: str = typer.Option(SCOREBOARD["device"], help="torch device: cpu, cuda or auto"),
-    progress: bool = typer.Option(SCOREBOARD["progress"], help="show progress bars"),
+    **settings,
 ) -> None:
     """Score every method (each crosscoder by Δnorm and by ν, the activation-difference lens, random directions)
     the same way against known behaviours: detection AUROC, steering of the base and chat model, KL gap closed."""
@@ -141,17 +120,14 @@ def scoreboard(
     try:
         from ..diff_lens import write_lens
         from ..fileio import write_json
-        from ..scoreboard import ScoreboardConfig, build_scoreboard, headline
+        from ..scoreboard import build_scoreboard, headline
 
         ccs, lats = _named(crosscoder, "--crosscoder"), _named(latents, "--latents")
         if set(ccs) != set(lats):
             raise ConfigError(f"--crosscoder names {sorted(ccs)} and --latents names {sorted(lats)} must be the same")
-        cfg = ScoreboardConfig(n_directions=n_directions, alphas=_alphas(alphas), steer_unit=steer_unit,
-                               max_prompts=max_prompts or None,
-                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, dtype=dtype,
-                               device=device, progress=progress)
-        ev = EvaluateConfig(chats=list(chats), tokens=tokens, max_length=max_length, seed=seed, dtype=dtype,
-                            device=device, progress=progress)
+        cfg = SCOREBOARD_OPTIONS.build(settings, alphas=_alphas(alphas), max_prompts=max_prompts or None)
+        ev = EvaluateConfig(chats=list(chats), tokens=tokens, max_length=max_length, seed=cfg.seed, dtype=cfg.dtype,
+                            device=cfg.device, progress=cfg.progress)
         board, lens, tensors = build_scoreboard({k: (ccs[k], lats[k]) for k in ccs}, behaviours=behaviours,
                                                 evaluate=ev, text=list(text or []), cfg=cfg, base=base, chat=chat,
                                                 layer=layer)
