@@ -3,13 +3,16 @@
 In a scratch git+DVC copy of the repository:
 1. ``dvc repro`` in Prefect's ephemeral mode, killed (SIGKILL to its process group) while the cache
    stage writes shards;
-2. ``dvc repro`` against a Prefect server: the cache resumes, every stage completes;
-3. ``dvc repro`` again: nothing runs;
-4. ``dvc exp run -S train.crosscoder.k=6``, killed after the first BatchTopK training checkpoint;
-5. the same again: training resumes; only train@batchtopk and what follows it ran.
+2. ``dvc repro`` against a Prefect server: the cache resumes; killed after the first BatchTopK training
+   checkpoint;
+3. the same again: training resumes; only train@batchtopk and what follows it ran;
+4. ``dvc repro``: nothing runs; ``dvc status`` after a crosscoder kind's own knob is changed names only
+   that kind's training stage;
+5. ``dvc exp run -S report.cards.n_contexts=3``: only the report stage runs.
 Then the outputs, DVC metrics and the MLflow records (parent/child runs, lineage tags checked against
 dvc.lock, the manifest bytes and git) are checked, and the resumed crosscoder against one trained
-without interruption.
+without interruption. Each stage runs to completion once (a stage is a process that imports torch,
+Prefect and MLflow: most of this test's time), the report twice.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GI
 STAGES = {"toy_models", "locate", "cache", "train@l1", "train@batchtopk", "analyze@l1", "analyze@batchtopk", "evaluate@l1",
           "evaluate@batchtopk", "steer@l1", "steer@batchtopk", "scoreboard", "report"}
 BEFORE_CACHE = {"toy_models", "locate"}  # done before the first run is killed in the cache stage
-AFTER_K = {"train@batchtopk", "analyze@batchtopk", "evaluate@batchtopk", "steer@batchtopk", "scoreboard", "report"}
+BEFORE_TRAIN_KILL = {"cache", "train@l1"}  # done before the second run is killed in train@batchtopk
 
 # a toy pair that builds in seconds (the planted behaviours are not learnt at this size)
 MICRO_TOY = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=2, num_heads=2,
@@ -168,18 +171,27 @@ def pipeline(tmp_path_factory):
         logs = {}
         # 1: ephemeral Prefect; killed once the cache stage has written a shard
         run_until(["dvc", "repro"], ws, env, "artifacts/cache/shards/shard-*.json", root / "repro1.log")
-        # 2: against the server; resumes the cache and runs everything else
-        logs["repro2"] = run(["dvc", "repro"], ws, senv).stdout
+        # 2 and 3: against the server; the cache resumes; killed after the first BatchTopK checkpoint, then
+        # training resumes. (Not `dvc exp run`: it checks the workspace out first, which deletes outputs
+        # that dvc.lock does not yet record, such as a killed run's partial cache.)
+        run_until(["dvc", "repro"], ws, senv, "artifacts/crosscoders/batchtopk/checkpoint.json", root / "repro2.log")
+        logs["repro2"] = (root / "repro2.log").read_text()
+        logs["repro3"] = run(["dvc", "repro"], ws, senv).stdout
         run(["git", "add", "-A"], ws, senv)
         run(["git", "commit", "-qm", "outputs"], ws, senv)
-        # 3: nothing to do
-        logs["repro3"] = run(["dvc", "repro"], ws, senv).stdout
+        # 4: nothing to do; a kind's own knob changes only that kind's training stage
+        logs["repro4"] = run(["dvc", "repro"], ws, senv).stdout
         logs["status"] = run(["dvc", "status"], ws, senv).stdout
-        # 4 and 5: a training knob; killed after the first checkpoint, then resumed
-        run_until(["dvc", "exp", "run", "-S", "train.crosscoder.k=6"], ws, senv, "artifacts/crosscoders/batchtopk/checkpoint.json",
-                  root / "exp1.log")
-        logs["exp1"] = (root / "exp1.log").read_text()
-        logs["exp2"] = run(["dvc", "exp", "run", "-S", "train.crosscoder.k=6"], ws, senv).stdout
+        logs["knobs"] = {}
+        text = (ws / "params.yaml").read_text()
+        for knob, value in (("k", 8), ("l1_coeff", 2.0)):
+            changed = yaml.safe_load(text)
+            changed["train"]["crosscoder"][knob] = value
+            (ws / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+            logs["knobs"][knob] = json.loads(run(["dvc", "status", "--json"], ws, senv).stdout)
+        (ws / "params.yaml").write_text(text)
+        # 5: an experiment on a report setting
+        logs["exp"] = run(["dvc", "exp", "run", "-S", "report.cards.n_contexts=3"], ws, senv).stdout
         logs["metrics"] = run(["dvc", "metrics", "show", "--json"], ws, senv).stdout
         yield {"ws": ws, "params": params, "logs": logs, "env": senv}
     finally:
@@ -189,7 +201,10 @@ def pipeline(tmp_path_factory):
 @pytest.mark.e2e  # `make test-fast` leaves it out
 def test_pipeline_completes_with_report_and_metrics(pipeline):
     ws, logs = pipeline["ws"], pipeline["logs"]
-    assert ran(logs["repro2"]) == STAGES - BEFORE_CACHE  # the models and the layer sweep were made before the kill
+    # the models and the layer sweep were made before the first kill, the cache and train@l1 before the second
+    assert ran(logs["repro2"]) == BEFORE_TRAIN_KILL | {"train@batchtopk"}
+    assert ran(logs["exp"]) == {"report"}  # the experiment reran only what its setting changes
+    assert "Stage 'train@batchtopk' didn't change" in logs["exp"]
     assert (ws / "artifacts/report/report.html").stat().st_size > 1000
     for kind in ("l1", "batchtopk"):
         assert (ws / f"artifacts/analysis/{kind}/latents.parquet").is_file()
@@ -207,14 +222,27 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
     assert (ws / "artifacts/scoreboard/lens.safetensors").is_file()
     assert metrics["metrics/locate.json"]["data"]["recommended_layer"] == 0  # two blocks: block 0 is the candidate
     assert (ws / "artifacts/locate/locate.png").is_file()
-    assert metrics["metrics/train_batchtopk.json"]["data"]["k"] == 6  # the experiment's crosscoder
+    assert metrics["metrics/train_batchtopk.json"]["data"]["k"] == pipeline["params"]["train"]["crosscoder"]["k"]
+    assert metrics["metrics/report.json"]["data"]  # the experiment's report
     assert 0 < metrics["metrics/train_l1.json"]["data"]["fve_chat"] <= 1
 
 
 @pytest.mark.e2e  # `make test-fast` leaves it out
 def test_second_repro_does_nothing(pipeline):
-    assert ran(pipeline["logs"]["repro3"]) == set()
+    assert ran(pipeline["logs"]["repro4"]) == set()
     assert "up to date" in pipeline["logs"]["status"]
+
+
+def _params_changed(status: dict) -> set[str]:
+    return {stage for stage, changes in status.items()
+            if any("params.yaml" in c.get("changed deps", {}) for c in changes if isinstance(c, dict))}
+
+
+@pytest.mark.e2e  # `make test-fast` leaves it out
+def test_a_kinds_knob_changes_only_that_kinds_training(pipeline):
+    knobs = pipeline["logs"]["knobs"]
+    assert _params_changed(knobs["k"]) == {"train@batchtopk"}
+    assert _params_changed(knobs["l1_coeff"]) == {"train@l1"}
 
 
 @pytest.mark.e2e  # `make test-fast` leaves it out
@@ -235,12 +263,10 @@ def test_training_knob_reruns_only_training_and_what_follows_and_resumes(pipelin
     from tasks.training import train_settings
 
     ws, logs = pipeline["ws"], pipeline["logs"]
-    assert ran(logs["exp1"]) == {"train@batchtopk"}  # killed in it
-    assert ran(logs["exp2"]) == AFTER_K
-    assert "Stage 'train@l1' didn't change" in logs["exp2"] and "Stage 'cache' didn't change" in logs["exp2"]
+    assert ran(logs["repro3"]) == STAGES - BEFORE_CACHE - BEFORE_TRAIN_KILL  # train@batchtopk resumed, the rest
+    assert "Stage 'train@l1' didn't change" in logs["repro3"] and "Stage 'cache' didn't change" in logs["repro3"]
     # the resumed crosscoder is the one an uninterrupted run trains
     t = pipeline["params"]["train"]
-    t = dict(t, crosscoder=dict(t["crosscoder"], k=6))
     train_crosscoder(ws / "artifacts/cache", tmp_path / "ref", kind="batchtopk", train=train_settings("batchtopk", t))
     got = load_file(ws / "artifacts/crosscoders/batchtopk/model.safetensors")
     want = load_file(tmp_path / "ref" / "model.safetensors")
@@ -280,15 +306,18 @@ def test_mlflow_runs_and_lineage(pipeline):
     methods = {r.data.tags.get("crossdiff.method") for r in children["scoreboard"]} - {None}  # a run per method
     assert {"l1_dnorm", "batchtopk_nu", "lens", "random"} <= methods
     # the stages of one dvc invocation share one parent
-    repro2 = {r.data.tags["mlflow.parentRunId"] for s in STAGES - BEFORE_CACHE - AFTER_K for r in children[s]}
-    assert len(repro2) == 1
+    repro2 = {r.data.tags["mlflow.parentRunId"] for s in BEFORE_TRAIN_KILL for r in children[s]}
+    repro3 = {r.data.tags["mlflow.parentRunId"] for s in STAGES - BEFORE_CACHE - BEFORE_TRAIN_KILL - {"report"}
+              for r in children[s]}
+    assert len(repro2) == len(repro3) == 1 and repro2 != repro3
+    assert len(children["report"]) == 2  # the pipeline's and the experiment's
 
     commit = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=ws, capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
     manifest_sha = hashlib.sha256((ws / "artifacts/cache/manifest.json").read_bytes()).hexdigest()
     pair = json.loads((ws / "artifacts/models/pair.json").read_text())
 
-    an = max(children["analyze@batchtopk"], key=lambda r: r.info.start_time)  # the k=6 experiment's
+    an = max(children["analyze@batchtopk"], key=lambda r: r.info.start_time)
     tags = an.data.tags
     assert tags["lineage.git_commit"] in (commit, head)
     assert tags["lineage.input.cache.dvc_md5"] == _lock_md5(ws, "artifacts/cache")
@@ -298,7 +327,8 @@ def test_mlflow_runs_and_lineage(pipeline):
     assert (tags["lineage.models.base"], tags["lineage.models.chat"]) == (pair["base"], pair["chat"])
     # from the latent table back to the run that trained the crosscoder, and from there to the cache's run
     train = by_id[tags["lineage.input.crosscoder.run_id"]]
-    assert train.data.tags["dvc.stage"] == "train@batchtopk" and train.data.params["crosscoder.k"] == "6"
+    assert train.data.tags["dvc.stage"] == "train@batchtopk" and train.data.params["crosscoder.k"] == str(
+        pipeline["params"]["train"]["crosscoder"]["k"])
     cache_run = by_id[train.data.tags["lineage.input.cache.run_id"]]
     assert cache_run.data.tags["dvc.stage"] == "cache"
     sources = {d.dataset.name for d in cache_run.inputs.dataset_inputs}
