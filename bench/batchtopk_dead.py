@@ -23,7 +23,6 @@ import yaml
 
 from crossdiff_core.analysis import run_analysis
 from crossdiff_core.trainer import TrainConfig, train_crosscoder
-from tasks.training import train_settings
 
 # variant -> overrides of the params file's train section (crosscoder knobs under "crosscoder"); the first is
 # the trainer's defaults (Gao et al.'s AuxK weight 1/32, a 200k-token dead window)
@@ -41,7 +40,7 @@ def settings(train: dict, override: dict) -> TrainConfig:
         else:
             t[k] = v
     t["progress"] = False
-    return train_settings("batchtopk", t)  # the pipeline's own mapping of a params train section
+    return TrainConfig.for_kind(t, "batchtopk")  # the pipeline's own mapping of a params train section
 
 
 def main() -> None:

@@ -94,6 +94,13 @@ class TrainConfig:
         """From params.yaml's ``train`` section (or a saved ``asdict``); unknown keys are an error."""
         return from_dict(cls, d, section=section)
 
+    @classmethod
+    def for_kind(cls, d: dict, kind: str) -> "TrainConfig":
+        """From params.yaml's ``train`` section, for a ``kind`` crosscoder: the other kinds' knobs cleared
+        (:meth:`CrossCoderSettings.for_kind`: they are no setting of this run)."""
+        tc = cls.from_dict(d)
+        return replace(tc, crosscoder=tc.crosscoder.for_kind(kind))
+
 
 def adam(params, lr: float, *, fused: bool = True) -> torch.optim.Adam:
     """The trainer's Adam (β = 0.9, 0.999). ``fused``: torch's fused kernel where every parameter is a floating

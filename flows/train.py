@@ -17,7 +17,7 @@ from crossdiff_core.trainer import CHECKPOINT, TrainConfig
 from flows.common import DEFAULT_PARAMS, Layout, cli, load_params, stage_key
 from tasks import tracking
 from tasks.io import prepare_out, write_json
-from tasks.training import train_crosscoder_task, train_settings
+from tasks.training import train_crosscoder_task
 
 OUTPUT_FILES = ("model.safetensors", "config.json", "metrics.json", "history.json")
 
@@ -26,7 +26,7 @@ OUTPUT_FILES = ("model.safetensors", "config.json", "metrics.json", "history.jso
 def train_flow(kind: str, params_file: str = DEFAULT_PARAMS) -> dict:
     p = load_params(params_file)
     L = Layout(p)
-    tc = train_settings(kind, p["train"])  # read strictly: a typo fails before any work
+    tc = TrainConfig.for_kind(p["train"], kind)  # read strictly: a typo fails before any work
     settings = asdict(tc)
     out = L.crosscoder(kind)
     with tracking.stage_run(f"train-{kind}", params={"kind": kind, **settings},

@@ -12,17 +12,6 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 
-def train_settings(kind: str, train: dict):
-    """params.yaml's ``train`` section -> the :class:`~crossdiff_core.trainer.TrainConfig` of a ``kind``
-    crosscoder (the other kind's knob cleared: it is no setting of this run)."""
-    from dataclasses import replace
-
-    from crossdiff_core.trainer import TrainConfig
-
-    tc = TrainConfig.from_dict(train)
-    return replace(tc, crosscoder=tc.crosscoder.for_kind(kind))
-
-
 # a retry resumes from the last checkpoint
 @task(name="train-crosscoder", retries=1, retry_delay_seconds=5, cache_policy=NONE)
 def train_crosscoder_task(cache_dir: str, out_dir: str, kind: str, train: dict, run=None) -> dict:

@@ -259,15 +259,14 @@ def test_killed_cache_resumed_without_loss(pipeline):
 
 @pytest.mark.e2e  # `make test-fast` leaves it out
 def test_training_knob_reruns_only_training_and_what_follows_and_resumes(pipeline, tmp_path):
-    from crossdiff_core.trainer import train_crosscoder
-    from tasks.training import train_settings
+    from crossdiff_core.trainer import TrainConfig, train_crosscoder
 
     ws, logs = pipeline["ws"], pipeline["logs"]
     assert ran(logs["repro3"]) == STAGES - BEFORE_CACHE - BEFORE_TRAIN_KILL  # train@batchtopk resumed, the rest
     assert "Stage 'train@l1' didn't change" in logs["repro3"] and "Stage 'cache' didn't change" in logs["repro3"]
     # the resumed crosscoder is the one an uninterrupted run trains
     t = pipeline["params"]["train"]
-    train_crosscoder(ws / "artifacts/cache", tmp_path / "ref", kind="batchtopk", train=train_settings("batchtopk", t))
+    train_crosscoder(ws / "artifacts/cache", tmp_path / "ref", kind="batchtopk", train=TrainConfig.for_kind(t, "batchtopk"))
     got = load_file(ws / "artifacts/crosscoders/batchtopk/model.safetensors")
     want = load_file(tmp_path / "ref" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
