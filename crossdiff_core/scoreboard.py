@@ -19,14 +19,23 @@ conversations with the same prompts, budgets and ``N``:
    (:func:`~crossdiff_core.behaviour_tracking.auroc`). The method's detection is the best of its ``N``;
    that direction is the one steered.
 2. **Steering.** The best direction, ``v = a · r_m · u/‖u‖``, is added at every position while the base and the
-   chat model answer every prompt greedily, for each ``a``. ``r_m`` is model ``m``'s block-``L`` scale over the
-   prompts' tokens (``steer_unit``): ``spread``, the RMS distance of a token's activation from the mean activation,
-   ``sqrt(E_t ‖h_t − h̄‖²)``, or ``norm``, the mean norm ``E_t ‖h_t‖`` (the lens paper's). Models with massive
-   activations (a few coordinates far from 0 on every token, as SmolLM2's) have a mean norm set by those
-   coordinates, which no direction orthogonal to them moves: a × that norm wrecks the answers at a = 1 and moves
-   nothing at 0.25 (BENCHMARKS.md); the spread measures how far tokens actually differ. The behaviour's rate
-   over all prompts (triggers and others pooled) at the best ``a`` is the headline, beside the unsteered rate
-   (per model).
+   chat model answer every prompt greedily, for each ``a``. ``r_m`` is a block-``L`` scale over the prompts'
+   tokens (``steer_unit``):
+
+   - ``peak`` (default): the direction's own reach, ``r = max_t ⟨h_c[t] − h̄_c, u/‖u‖⟩``, how far the chat model's
+     tokens go along ``u`` above their mean (``h̄_c``), in the base model times the ratio of the two models'
+     spreads. It is the analogue of the crosscoder steering stage's ``a · max_act_j`` (a latent pushed as far as
+     it ever fires): a = 1 puts every token where the direction's strongest token already is;
+   - ``spread``: the model's RMS distance of a token's activation from the mean, ``sqrt(E_t ‖h_t − h̄‖²)``, the
+     same for every direction;
+   - ``norm``: the model's mean norm ``E_t ‖h_t‖`` (the lens paper's).
+
+   Models with massive activations (a few coordinates far from 0 on every token, as SmolLM2's) have a mean norm
+   set by those coordinates, which no direction orthogonal to them moves: a × that norm wrecks the answers at
+   a = 1 and moves nothing at 0.25, and a × the spread (0.69 of the norm there) still wrecks them at a = 1
+   (BENCHMARKS.md): one scale for every direction is far too large for a single feature's direction. The
+   behaviour's rate over all prompts (triggers and others pooled) at the best ``a`` is the headline, beside the
+   unsteered rate (per model).
 3. **KL gap.** On the held-out conversations the chat model's block-``L`` output is replaced by
    ``h_S = h_b + P_U (h_c − h_b)``, ``P_U`` the orthogonal projection onto the span of the method's ``N``
    directions, and the chat model runs on (:func:`~crossdiff_core.kl_eval.kl_gap`): the share
@@ -67,7 +76,7 @@ from .steering import steering, subsample_prompts
 
 FORMAT_VERSION = 1
 RANKINGS = ("dnorm", "nu")
-STEER_UNITS = ("spread", "norm")
+STEER_UNITS = ("peak", "spread", "norm")
 MODELS = ("base", "chat")
 _LENS = DiffLensConfig()
 
@@ -79,7 +88,9 @@ class ScoreboardConfig:
     n_directions: int = 8  # N: each method's top-N directions, the same for every method
     rankings: tuple[str, ...] = RANKINGS  # a crosscoder's latents ranked by Δnorm (dnorm) and/or ν (nu): a method each
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # steering scale a, in units of steer_unit
-    steer_unit: str = "spread"  # r_m: the block-L activations' spread, sqrt(E||h - mean h||^2), or their mean norm (norm)
+    # r_m: peak, each direction's reach max_t <h_c[t] - mean h_c, u> (its strongest token); spread, the block-L
+    # activations' sqrt(E||h - mean h||^2); norm, their mean norm (one scale for every direction)
+    steer_unit: str = "peak"
     models: tuple[str, ...] = MODELS  # which models the best directions steer
     max_prompts: int | None = 60  # behaviour prompts (each behaviour keeps its share); None: all
     max_new_tokens: int = 20  # tokens generated per steered answer
@@ -200,13 +211,21 @@ def unit(directions: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, d / n.clamp_min(1e-300), torch.zeros_like(d)).float()
 
 
+class Projections(NamedTuple):
+    """What :func:`prompt_projections` reads from the prompts' block-L activations."""
+
+    scores: torch.Tensor  # [P, K] float32: each prompt's largest projection max_t <h_c[t], u> (detection)
+    scales: dict[str, dict[str, float]]  # {"norm": {"base": E||h_b||, "chat": ...}, "spread": {...}}: per model
+    peaks: torch.Tensor  # [K] float32: each direction's reach max_t <h_c[t] - mean h_c, u> over all prompts' tokens
+
+
 @torch.inference_mode()
 def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor, *, batch_size: int = 32
-                       ) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
+                       ) -> Projections:
     """Each prompt's largest projection ``max_t ⟨h_chat,L[t], u⟩`` on each direction ``U [K, d]`` (unit rows)
-    over its rendered tokens (BOS excluded): ``[P, K]`` float32; and each model's block-L scale over those
-    tokens per steering unit (:data:`STEER_UNITS`): ``{"norm": {"base": E‖h_b‖, "chat": E‖h_c‖}, "spread":
-    {"base": sqrt(E‖h_b − h̄_b‖²), ...}}``."""
+    over its rendered tokens (BOS excluded), each model's block-L scales over those tokens (``norm`` E‖h‖ and
+    ``spread`` sqrt(E‖h − h̄‖²)) and each direction's reach above the chat model's mean token (the ``peak``
+    steering unit): :class:`Projections`."""
     rows, pad = render_prompts(pair.tokenizer, prompts), pad_token_id(pair.tokenizer)
     bos = pair.tokenizer.bos_token_id
     Ud = U.to(device=pair.device, dtype=torch.float32)
@@ -231,7 +250,20 @@ def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor,
     n = max(1, n_tok)
     spread = (sq_sum / n - (vec_sum / n).pow(2).sum(1)).clamp_min(0).sqrt()
     scales = {"norm": norm_sum / n, "spread": spread}
-    return out, {u: {"base": float(v[0]), "chat": float(v[1])} for u, v in scales.items()}
+    # max_t <h_c[t], u> - <mean h_c, u>: the prompts' own maxima, less the mean token's projection (>= 0)
+    peaks = (out.double().amax(0) - (vec_sum[1] / n) @ U.detach().double().cpu().T).clamp_min(0) if len(rows) else torch.zeros(U.shape[0])
+    return Projections(out, {u: {"base": float(v[0]), "chat": float(v[1])} for u, v in scales.items()}, peaks.float())
+
+
+def steer_scales(steer_unit: str, scales: Mapping[str, Mapping[str, float]], peak: float) -> dict[str, float]:
+    """``r_m`` per model for one direction (module docstring, step 2): the model's ``spread`` or ``norm``, or for
+    ``peak`` the direction's reach ``peak`` in the chat model, in the base model in its units (times the ratio of
+    the base's spread to the chat's)."""
+    if steer_unit != "peak":
+        return dict(scales[steer_unit])
+    sp = scales["spread"]
+    ratio = sp["base"] / sp["chat"] if sp["chat"] > 0 else 1.0
+    return {"base": peak * ratio, "chat": peak}
 
 
 # ---- KL -----------------------------------------------------------------------------------------------
@@ -327,9 +359,9 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     t0 = time.perf_counter()
     U = [unit(m.directions[: cfg.n_directions]) for m in methods]
     sizes = [u.shape[0] for u in U]
-    proj, scales = prompt_projections(pair, [p["text"] for p in prompts], torch.cat(U), batch_size=cfg.batch_size)
-    norms = scales[cfg.steer_unit]
-    per_method = torch.split(proj, sizes, dim=1)
+    proj = prompt_projections(pair, [p["text"] for p in prompts], torch.cat(U), batch_size=cfg.batch_size)
+    per_method = torch.split(proj.scores, sizes, dim=1)
+    peaks = torch.split(proj.peaks, sizes)
     t1 = time.perf_counter()
 
     # detection first: the best direction per method and behaviour, hence the steering runs to make
@@ -339,6 +371,7 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     models = {"base": pair.base, "chat": pair.chat}
     unsteered = {name: _rates(models[name], pair, spec, prompts, cfg) for name in cfg.models}
     steered: dict[tuple[int, int], dict[str, list[dict]]] = {}
+    reach = {(i, j): steer_scales(cfg.steer_unit, proj.scales, float(peaks[i][j])) for i, j in todo}
     with tqdm(total=len(todo) * len(cfg.models) * len(cfg.alphas), disable=not cfg.progress,
               desc="scoreboard steer", unit="run") as bar:
         for i, j in todo:
@@ -346,7 +379,7 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
             for name in cfg.models:
                 runs = steered[i, j][name] = []
                 for alpha in cfg.alphas:
-                    with steering(models[name], pair.layer, (U[i][j] * (alpha * norms[name])).to(pair.device)):
+                    with steering(models[name], pair.layer, (U[i][j] * (alpha * reach[i, j][name])).to(pair.device)):
                         runs.append({"alpha": alpha, "rates": _rates(models[name], pair, spec, prompts, cfg)})
                     bar.update(1)
     board = []
@@ -365,7 +398,8 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
                                                                   ("rate", "trigger_rate", "other_rate")}} for r in runs]}
             rec["behaviours"][b] = {"auroc": float(a[j]) if np.isfinite(a[j]) else None,
                                     "aurocs": [float(v) if np.isfinite(v) else None for v in a],
-                                    "best": j, "best_label": rec["labels"][j], "steer": steer}
+                                    "best": j, "best_label": rec["labels"][j], "steer": steer,
+                                    "steer_scale": reach[i, j]}
         board.append(rec)
     t2 = time.perf_counter()
     kl = subspace_kl(pair, [Method(m.name, m.family, m.directions[: cfg.n_directions], m.labels, m.latents,
@@ -381,12 +415,14 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
              "best": v["best_label"],
              **{f"steer_{name}": v["steer"][name]["best"] for name in cfg.models},
              **{f"unsteered_{name}": v["steer"][name]["unsteered"] for name in cfg.models},
+             **{f"steer_scale_{name}": v["steer_scale"][name] for name in cfg.models},
              "gap_closed_first9": rec["gap_closed"]["first9"], "gap_closed_response": rec["gap_closed"]["response"]}
             for rec in board for b, v in rec["behaviours"].items()]
     return {"format_version": FORMAT_VERSION, "layer": pair.layer, "n_directions": cfg.n_directions,
             "behaviours": behaviours, "n_prompts": len(prompts),
             "prompt_kinds": {k: int((expected == k).sum()) for k in sorted(set(expected))},
-            "steer_norms": norms, "steer_unit": cfg.steer_unit, "steer_scales": scales, "unsteered": unsteered, "kl_base": kl["base"]["kl"],
+            "steer_norms": proj.scales.get(cfg.steer_unit), "steer_unit": cfg.steer_unit, "steer_scales": proj.scales,
+            "unsteered": unsteered, "kl_base": kl["base"]["kl"],
             "kl_tokens": kl["n_tokens"], "kl_sequences": kl["n_sequences"], "methods": board, "rows": rows,
             "config": asdict(cfg), "timings": {"detect_s": t1 - t0, "steer_s": t2 - t1, "kl_s": t3 - t2,
                                                "total_s": time.perf_counter() - t0}}

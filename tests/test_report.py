@@ -423,11 +423,13 @@ def _board_method(name, family, auroc, steer, gap):
 
 def test_scoreboard_section_names_the_best_method_against_the_floor(analysed, tmp_path):
     board = {"format_version": 1, "layer": 2, "n_directions": 2, "behaviours": ["refusal"], "n_prompts": 40,
+             "steer_unit": "peak", "steer_norms": None,
              "kl_tokens": {"response": 400}, "kl_sequences": 12, "config": {"alphas": [1.0, 2.0], "models": ["base", "chat"]},
              "methods": [_board_method("l1_dnorm", "crosscoder", 0.97, {"base": (0.0, 0.1, 2.0), "chat": (0.5, 0.9, 1.0)}, 0.4),
                          _board_method("lens", "lens", 0.8, {"base": (0.0, 0.0, 1.0), "chat": (0.5, 0.6, 2.0)}, 0.6),
                          _board_method("random", "random", 0.55, {"base": (0.0, 0.0, 1.0), "chat": (0.5, 0.5, 1.0)}, 0.02)]}
     board["rows"] = [{"method": m["name"], "behaviour": "refusal"} for m in board["methods"]]
+    board["methods"][0]["behaviours"]["refusal"]["steer_scale"] = {"base": 3.25, "chat": 4.5}  # the peak unit's reach
     path = tmp_path / "scoreboard.json"
     path.write_text(json.dumps(board))
     run = RunInputs("L1", _nothing_chat_only(), analysed[2].summary)
@@ -440,6 +442,9 @@ def test_scoreboard_section_names_the_best_method_against_the_floor(analysed, tm
     assert "(random: +0%)" in s and "in the base model: 0% → 10%" in s
     assert page.count('<tr><td class="l">refusal</td>') == 3  # a row per method
     assert "40%" in page and "latents 3, 5" in page and "&#39;Sorry&#39;" in page
+    # the steering unit: each direction's own reach, shown beside its best a (boards without it show only a)
+    assert "50% → 90% (a=1 × 4.5)" in page and "0% → 10% (a=2 × 3.25)" in page and "50% → 60% (a=2)" in page
+    assert "direction&#39;s reach" in page or "direction's reach" in page
 
 
 def test_behaviours_from_the_steering_record_when_no_spec_is_given(analysed, tmp_path):

@@ -19,7 +19,8 @@ from crossdiff_core.generation import render_prompts
 from crossdiff_core.kl_eval import KLConfig
 from crossdiff_core.models import decoder_layers, load_pair
 from crossdiff_core.scoreboard import (Method, ScoreboardConfig, crosscoder_methods, headline, lens_method,
-                                       pooled_rate, prompt_projections, random_method, score_methods, unit)
+                                       pooled_rate, prompt_projections, random_method, score_methods, steer_scales,
+                                       unit)
 from crossdiff_core.steering import steering
 from tests.test_kl_eval import patched_kl
 from tests.test_locate import CONVERSATIONS, PLANTED, planted_pair_dirs
@@ -50,7 +51,7 @@ def test_projections_match_full_forwards(planted):
     pair, _ = planted
     prompts = [p["text"] for p in SPEC.prompts()]
     U = unit(torch.randn(3, pair.d_model, generator=torch.Generator().manual_seed(0)))
-    got, scales = prompt_projections(pair, prompts, U, batch_size=2)  # batches of unequal lengths: padding
+    got, scales, peaks = prompt_projections(pair, prompts, U, batch_size=2)  # batches of unequal lengths: padding
     rows = render_prompts(pair.tokenizer, prompts)
     want, hb_all, hc_all = [], [], []
     for r in rows:
@@ -59,6 +60,9 @@ def test_projections_match_full_forwards(planted):
         hb_all.append(hb)
         hc_all.append(hc)
     torch.testing.assert_close(got.double(), torch.stack(want), atol=1e-4, rtol=1e-5)
+    # the peak unit: each direction's largest projection of a chat token less its mean, over every prompt token
+    hc = torch.cat(hc_all)
+    torch.testing.assert_close(peaks.double(), ((hc - hc.mean(0)) @ U.double().T).max(0).values, atol=1e-4, rtol=1e-5)
     for name, h in (("base", torch.cat(hb_all)), ("chat", torch.cat(hc_all))):
         np.testing.assert_allclose(scales["norm"][name], float(h.norm(dim=1).mean()), rtol=1e-5)
         # the spread: the RMS distance of a token's activation from the mean one (numpy's own variance)
@@ -106,14 +110,23 @@ def test_known_answers(planted):
     for model in ("base", "chat"):
         z = rec["zero_gain"]["behaviours"]["weather"]["steer"][model]
         assert z["best"] == z["unsteered"] == board["unsteered"][model]["weather"]["rate"]
+    # by default (the peak unit) its scale is its reach in the chat model, by hand from the hidden states: the
+    # largest projection of a chat token above the mean token's; in the base that times the spreads' ratio
     j = rec["planted"]["behaviours"]["weather"]["best"]
-    v = unit(torch.stack([-u, u]))[j] * board["steer_norms"]["chat"]
-    with steering(pair.chat, PLANTED, v):
-        m = measure(pair.chat, SPEC, prompts, tokenizer=pair.tokenizer, max_new_tokens=4, batch_size=4)
-    got = rec["planted"]["behaviours"]["weather"]["steer"]["chat"]["runs"][0]
-    assert got["trigger_rate"] == m["rates"]["weather"]["trigger_rate"]
-    assert got["other_rate"] == m["rates"]["weather"]["other_rate"]
-    assert got["rate"] == pooled_rate(m["rates"]["weather"])
+    uj = unit(torch.stack([-u, u]))[j]
+    hc, hb = torch.cat(acts), torch.cat([_hidden(pair.base, r)[1:] for r in rows])
+    peak = float(((hc - hc.mean(0)) @ uj.double()).max())
+    ratio = float(np.sqrt(hb.numpy().var(axis=0).sum() / hc.numpy().var(axis=0).sum()))
+    scale = rec["planted"]["behaviours"]["weather"]["steer_scale"]
+    assert board["steer_unit"] == "peak" and peak > 0
+    assert scale["chat"] == pytest.approx(peak, rel=1e-4) and scale["base"] == pytest.approx(peak * ratio, rel=1e-4)
+    for model, net in (("chat", pair.chat), ("base", pair.base)):
+        with steering(net, PLANTED, uj * scale[model]):
+            m = measure(net, SPEC, prompts, tokenizer=pair.tokenizer, max_new_tokens=4, batch_size=4)
+        got = rec["planted"]["behaviours"]["weather"]["steer"][model]["runs"][0]
+        assert got["trigger_rate"] == m["rates"]["weather"]["trigger_rate"]
+        assert got["other_rate"] == m["rates"]["weather"]["other_rate"]
+        assert got["rate"] == pooled_rate(m["rates"]["weather"])
     # the DVC metric: numbers per method and behaviour
     h = headline(board)
     assert set(h) == {"planted", "everything", "zero_gain"}
@@ -140,6 +153,20 @@ def test_random_control_is_seeded_and_one_direction_closes_part(planted):
         assert rec["kl"][c] == pytest.approx(want[i], rel=1e-3, abs=1e-7)
         assert board["kl_base"][c] == pytest.approx(gap[i], rel=1e-3, abs=1e-7)
         assert rec["gap_closed"][c] == pytest.approx(1 - want[i] / gap[i], rel=1e-3, abs=1e-6)
+
+
+def test_model_wide_units_steer_every_direction_by_the_same_scale(planted):
+    pair, seqs = planted
+    g = torch.Generator().manual_seed(5)
+    methods = [Method("two", "test", torch.randn(2, pair.d_model, generator=g), ["a", "b"], None, "two directions")]
+    board = _board(pair, seqs, methods, n=2, alphas=(0.5,), steer_unit="spread")
+    v = board["methods"][0]["behaviours"]["weather"]
+    assert board["steer_norms"] == board["steer_scales"]["spread"] and v["steer_scale"] == board["steer_norms"]
+    uj = unit(methods[0].directions)[v["best"]]
+    with steering(pair.chat, PLANTED, uj * (0.5 * board["steer_norms"]["chat"])):
+        m = measure(pair.chat, SPEC, SPEC.prompts(), tokenizer=pair.tokenizer, max_new_tokens=4, batch_size=4)
+    assert v["steer"]["chat"]["runs"][0]["rate"] == pooled_rate(m["rates"]["weather"])
+    assert steer_scales("norm", board["steer_scales"], 3.0) == board["steer_scales"]["norm"]
 
 
 def test_pooled_rate():

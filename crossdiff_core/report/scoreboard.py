@@ -59,9 +59,11 @@ def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
         for m in board["methods"]:
             v = m["behaviours"][b]
             steer = {model: v["steer"].get(model) for model in models}
+            r = v.get("steer_scale") or {}  # boards written before the per-direction scale have none
             rows.append({"behaviour": b, "method": m["name"], "family": m["family"], "best": v["best_label"],
                          "auroc": fmt(v["auroc"]),
-                         **{f"steer_{model}": (f"{pct(_num(s['unsteered']))} → {pct(_num(s['best']))} (a={fmt(s['best_alpha'])})"
+                         **{f"steer_{model}": (f"{pct(_num(s['unsteered']))} → {pct(_num(s['best']))} (a={fmt(s['best_alpha'])}"
+                                               + (f" × {_num(r[model]):.3g}" if model in r else "") + ")"
                                                if s else "") for model, s in steer.items()},
                          "gap_first9": pct(_num(m["gap_closed"]["first9"])),
                          "gap_response": pct(_num(m["gap_closed"]["response"]))})
@@ -72,14 +74,18 @@ def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
                         "latents": m.get("latents"), "tokens": toks})
     cfg = board.get("config") or {}
     unit = board.get("steer_unit", "norm")  # boards written before the setting steered by the mean norm
-    scale = ("the spread of its block activations (RMS distance of a token's from the mean)" if unit == "spread"
-             else "its mean block norm")
-    r = board.get("steer_norms") or {}
-    scale += " (" + ", ".join(f"{k} {v:.3g}" for k, v in r.items()) + ")" if r else ""
+    if unit == "peak":
+        scale = ("direction's reach: how far the chat model's strongest prompt token goes along it above the mean "
+                 "token (in the base model times the ratio of the two models' spreads; the × figure in each cell)")
+    else:
+        scale = ("model's spread of its block activations (RMS distance of a token's from the mean)" if unit == "spread"
+                 else "model's mean block norm")
+        r = board.get("steer_norms") or {}
+        scale += " (" + ", ".join(f"{k} {v:.3g}" for k, v in r.items()) + ")" if r else ""
     protocol = (f"Each method proposes its top {board['n_directions']} directions at block {board['layer']}. Detection: AUROC of "
                 f"a prompt's largest projection on the chat model's activations (trigger prompts vs the rest, "
                 f"{board['n_prompts']} prompts), best of the N. Steering: that best direction, scaled to a × the "
-                f"model's {scale} (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best a. "
+                f"{scale} (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best a. "
                 f"KL gap: the share closed when the chat model's block output is replaced by h_b + P(h_c − h_b), P "
                 f"the projection onto the span of the N directions ({board.get('kl_tokens', {}).get('response', 0)} "
                 f"answer tokens of {board.get('kl_sequences', 0)} held-out conversations).")
