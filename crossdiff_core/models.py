@@ -38,6 +38,20 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively: a CUDA device that supports bf16, or a CPU
+    with AVX512-BF16 or AMX. Elsewhere torch emulates them, and a bf16 autocast costs time instead of saving it
+    (on an AVX2-only CPU a product ran 21x slower in bf16 than in fp32: BENCHMARKS.md)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    # torch.cpu's capability probes (private, so each is looked up: a torch without one counts as no)
+    return any(bool(getattr(torch.cpu, probe, lambda: False)())
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """`"auto"` picks CUDA when available, else CPU; anything else is passed to `torch.device` and must
     exist here (a CUDA device without CUDA, or past the last GPU, is a :class:`ConfigError` before any work)."""

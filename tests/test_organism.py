@@ -172,6 +172,27 @@ def test_bad_specs_and_settings_are_refused(setup):
         build_organism(s["root"], SPEC, s["root"] / "n", s["cfg"], chats=s["chats"])
 
 
+def test_autocast_follows_the_device_unless_set(setup, monkeypatch):
+    """bfloat16 autocast only where the CPU computes it natively (an AVX2-only CPU emulates it, ~20x slower);
+    an explicit setting wins; the build records what it used."""
+    from crossdiff_core.models import native_bf16
+
+    rec = json.loads((setup["out"] / "organism.json").read_text())
+    assert rec["autocast"] == ("bfloat16" if native_bf16("cpu") else None)  # this machine's
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert native_bf16("cpu") is native
+        assert OrganismConfig().autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+        assert OrganismConfig(autocast=True).autocast_dtype("cpu") == torch.bfloat16
+        assert OrganismConfig(autocast=False).autocast_dtype("cpu") is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # AMX computes bf16 natively too
+    assert native_bf16("cpu")
+    with pytest.raises(ConfigError, match="autocast must be true, false or null"):
+        OrganismConfig.from_dict({"autocast": "yes"})
+
+
 def test_cli_organism(setup):
     from typer.testing import CliRunner
 
