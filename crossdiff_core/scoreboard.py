@@ -251,7 +251,8 @@ def prompt_projections(pair: ModelPair, prompts: Sequence[str], U: torch.Tensor,
     spread = (sq_sum / n - (vec_sum / n).pow(2).sum(1)).clamp_min(0).sqrt()
     scales = {"norm": norm_sum / n, "spread": spread}
     # max_t <h_c[t], u> - <mean h_c, u>: the prompts' own maxima, less the mean token's projection (>= 0)
-    peaks = (out.double().amax(0) - (vec_sum[1] / n) @ U.detach().double().cpu().T).clamp_min(0) if len(rows) else torch.zeros(U.shape[0])
+    peaks = (out.double().amax(0) - (vec_sum[1] / n) @ U.detach().double().cpu().T).clamp_min(0) if len(rows) \
+        else torch.zeros(U.shape[0])
     return Projections(out, {u: {"base": float(v[0]), "chat": float(v[1])} for u, v in scales.items()}, peaks.float())
 
 
