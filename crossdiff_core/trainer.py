@@ -9,6 +9,7 @@ interrupted run continued from its checkpoint ends with the same weights as an u
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -27,8 +28,11 @@ from .crosscoder_config import DEFAULT_KINDS
 from .fileio import atomic_write
 from .errors import CacheError, CheckpointError, ConfigError, TrainingDivergedError
 from .metrics import _autocast, evaluate
+from .models import native_bf16
 from .normalisation import cache_scales
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
@@ -165,6 +169,10 @@ class Trainer:
         self.on_metrics = on_metrics
         self.device = torch.device(cfg.device)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        if self.compute_dtype is not None and not native_bf16(self.device):
+            log.warning("train dtype bfloat16 on %s, which has no native bfloat16 (no AVX512-BF16 or AMX): torch "
+                        "emulates it, ~20x slower than float32 here (BENCHMARKS.md); set train.dtype: float32",
+                        self.device)
         self.train_stop, self.val_start = split_rows(cache.n_tokens, cfg.val_tokens)
         self.batches_per_epoch = cache.batches_per_epoch(cfg.batch_size, start=0, stop=self.train_stop)
         if self.batches_per_epoch == 0:

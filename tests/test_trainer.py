@@ -1,6 +1,8 @@
 """Trainer: schedules, metrics against numpy, exact resume, NaN guard, CLI."""
 
 import json
+import logging
+import math
 
 import numpy as np
 import pytest
@@ -102,6 +104,22 @@ def test_training_learns_low_rank_data(tmp_path):
     cfg = json.loads((tmp_path / "cc" / "config.json").read_text())
     assert cfg["cache_manifest_hash"] == ActivationCache(tmp_path / "cache").manifest_hash
     assert cfg["training_tokens"] == 128 * 150
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_without_native_support_is_warned_about(tmp_path, monkeypatch, caplog, native):
+    # emulated bf16 (an AVX2-only CPU) is ~20x slower than fp32: the run still trains, and says so
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    _write_cache(tmp_path / "cache", n=1000)
+    with caplog.at_level(logging.WARNING, logger="crossdiff_core.trainer"):
+        m = train_crosscoder(tmp_path / "cache", tmp_path / "cc", kind="l1",
+                             train=TrainConfig(crosscoder=CrossCoderSettings(dict_size=16), tokens=128 * 4,
+                                               batch_size=128, val_tokens=200, dtype="bfloat16", progress=False))
+    assert math.isfinite(m["fve_base"])
+    warned = [r.getMessage() for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert bool(warned) is (not native)
+    assert not warned or "set train.dtype: float32" in warned[0]
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
