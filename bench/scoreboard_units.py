@@ -27,6 +27,7 @@ from crossdiff_core.scoreboard import ScoreboardConfig, build_scoreboard  # noqa
 from flows.common import Layout, load_params  # noqa: E402
 from flows.sections import read_all  # noqa: E402
 from tasks.models import read_pair  # noqa: E402
+from tasks.products import LATENTS  # noqa: E402
 from tasks.steering import behaviours_for  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     spec = behaviours_for(read_pair(L.models))
     if spec is None:
         sys.exit("error: the pair has no behaviour spec (models.behaviours): nothing to steer toward")
-    ccs = {k: (str(L.crosscoder(k)), str(L.analysis(k) / "latents.parquet")) for k in cfgs["train"].kinds}
+    ccs = {k: (str(L.crosscoder(k)), str(L.analysis(k) / LATENTS)) for k in cfgs["train"].kinds}  # as flows.scoreboard
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for unit in a.units.split(","):
