@@ -7,6 +7,9 @@ promising first:
   Δnorm, then ν), each as its chat decoder row ``s_c W_dec[1, j]``;
 - ``<kind>_nu``: its chat-only latents by ν rank (``latents.parquet``'s ``nu_rank``), filled up from the
   Δnorm ranking when fewer than ``N`` are chat-only;
+- ``<kind>_dnorm_codes``, ``<kind>_nu_codes`` (``readings`` has ``codes``): the same latents read by their own
+  codes instead of by a projection (step 1): a crosscoder's latent is a detector before it is a direction, and
+  a latent that fires on the trigger tokens need not have a decoder row that stands out in ``h_chat``;
 - ``lens``: the activation-difference lens at ``L`` (:mod:`crossdiff_core.diff_lens`): each source's ``δ_L``,
   then its per-position ``δ_{L,p}``, largest first;
 - ``random``: ``N`` isotropic Gaussian directions (seeded): the floor every score is read against.
@@ -15,9 +18,11 @@ Each method's directions ``u_1..u_N`` are scored on the behaviour spec's prompts
 conversations with the same prompts, budgets and ``N``:
 
 1. **Detection.** A prompt's score for ``u`` is ``max_t ⟨h_chat,L[t], u/‖u‖⟩`` over its tokens (BOS excluded);
-   per behaviour ``b`` the AUROC of its trigger prompts against all others
-   (:func:`~crossdiff_core.behaviour_tracking.auroc`). The method's detection is the best of its ``N``;
-   that direction is the one steered.
+   for a ``_codes`` method it is the latent's largest code ``max_t f_j(h_base,L[t], h_chat,L[t])`` there instead
+   (:func:`~crossdiff_core.behaviour_tracking.prompt_max_activations`). Per behaviour ``b`` the AUROC of its
+   trigger prompts against all others (:func:`~crossdiff_core.behaviour_tracking.auroc`). The method's
+   detection is the best of its ``N``; that direction (a latent's chat decoder row, whatever the reading) is
+   the one steered, and a direction two methods share is steered and patched once.
 2. **Steering.** The best direction, ``v = a · r_m · u/‖u‖``, is added at every position while the base and the
    chat model answer every prompt greedily, for each ``a``. ``r_m`` is a block-``L`` scale over the prompts'
    tokens (``steer_unit``):
@@ -60,7 +65,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .behaviour_tracking import auroc
+from .behaviour_tracking import auroc, prompt_max_activations
 from .behaviours import measure, rules
 from .chat_rank import top_chat
 from .config import from_dict, neutral
@@ -76,6 +81,7 @@ from .steering import steering, subsample_prompts
 
 FORMAT_VERSION = 1
 RANKINGS = ("dnorm", "nu")
+READINGS = ("projection", "codes")
 STEER_UNITS = ("peak", "spread", "norm")
 MODELS = ("base", "chat")
 _LENS = DiffLensConfig()
@@ -87,6 +93,9 @@ class ScoreboardConfig:
 
     n_directions: int = 8  # N: each method's top-N directions, the same for every method
     rankings: tuple[str, ...] = RANKINGS  # a crosscoder's latents ranked by Δnorm (dnorm) and/or ν (nu): a method each
+    # how a crosscoder method's latents detect: projection (of h_chat on the chat decoder row, as every method) and/or
+    # codes (the latent's own code): a method per ranking and reading
+    readings: tuple[str, ...] = READINGS
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # steering scale a, in units of steer_unit
     # r_m: peak, each direction's reach max_t <h_c[t] - mean h_c, u> (its strongest token); spread, the block-L
     # activations' sqrt(E||h - mean h||^2); norm, their mean norm (one scale for every direction)
@@ -109,12 +118,14 @@ class ScoreboardConfig:
         self.lens()  # the lens settings are checked where they live
         if isinstance(self.n_directions, bool) or not isinstance(self.n_directions, int) or self.n_directions < 1:
             raise ConfigError(f"scoreboard.n_directions must be an int >= 1, got {self.n_directions!r}")
-        self.rankings, self.models = tuple(self.rankings), tuple(self.models)
+        self.rankings, self.models, self.readings = tuple(self.rankings), tuple(self.models), tuple(self.readings)
         self.alphas = tuple(float(a) for a in self.alphas)
         bad = [r for r in self.rankings if r not in RANKINGS] + [m for m in self.models if m not in MODELS]
         if bad or not self.rankings:
             raise ConfigError(f"scoreboard.rankings must be a non-empty subset of {RANKINGS} and models of {MODELS}; "
                               f"got {list(self.rankings)} and {list(self.models)}")
+        if not self.readings or any(r not in READINGS for r in self.readings):
+            raise ConfigError(f"scoreboard.readings must be a non-empty subset of {READINGS}, got {list(self.readings)}")
         if self.steer_unit not in STEER_UNITS:
             raise ConfigError(f"scoreboard.steer_unit must be one of {STEER_UNITS}, got {self.steer_unit!r}")
         if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
@@ -146,6 +157,7 @@ class Method(NamedTuple):
     labels: list[str]  # one per direction (latent 17, δ chat, δ chat p2, random 3)
     latents: list[int] | None  # a crosscoder's latent ids (None for the others)
     description: str
+    encoder: CrossCoder | None = None  # detection by these latents' codes; None: by projection (module docstring)
 
 
 # ---- the methods --------------------------------------------------------------------------------------
@@ -157,8 +169,9 @@ def chat_directions(cc: CrossCoder, latents: Sequence[int]) -> torch.Tensor:
 
 
 def crosscoder_methods(cc: CrossCoder, table: pd.DataFrame, kind: str, n: int,
-                       rankings: Sequence[str] = RANKINGS) -> list[Method]:
-    """A crosscoder's methods: its top ``n`` live latents by each ranking in ``rankings`` (module docstring)."""
+                       rankings: Sequence[str] = RANKINGS, readings: Sequence[str] = ("projection",)) -> list[Method]:
+    """A crosscoder's methods: its top ``n`` live latents by each ranking in ``rankings``, read by each of
+    ``readings`` (module docstring)."""
     out = []
     for r in rankings:
         if r == "dnorm":
@@ -171,8 +184,12 @@ def crosscoder_methods(cc: CrossCoder, table: pd.DataFrame, kind: str, n: int,
             what = "the chat-only latents by ν rank, filled up by Δnorm"
         if not lat:
             continue  # no live latent: nothing to propose
-        out.append(Method(f"{kind}_{r}", "crosscoder", chat_directions(cc, lat), [f"latent {j}" for j in lat], lat,
-                          f"{kind} crosscoder: {what}"))
+        dirs, labels = chat_directions(cc, lat), [f"latent {j}" for j in lat]
+        if "projection" in readings:
+            out.append(Method(f"{kind}_{r}", "crosscoder", dirs, labels, lat, f"{kind} crosscoder: {what}"))
+        if "codes" in readings:
+            out.append(Method(f"{kind}_{r}_codes", "crosscoder", dirs, labels, lat,
+                              f"{kind} crosscoder: {what}, detecting by their codes", cc))
     return out
 
 
@@ -354,44 +371,59 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     for m in methods:
         if m.directions.ndim != 2 or m.directions.shape[1] != d or not bool(torch.isfinite(m.directions).all()):
             raise CrossdiffError(f"method {m.name}: directions must be finite [n, {d}], got {list(m.directions.shape)}")
+        if m.encoder is not None and (m.latents is None or len(m.latents) < min(cfg.n_directions, len(m.directions))):
+            raise CrossdiffError(f"method {m.name} reads codes: it needs a latent id per direction")
     behaviours = [b.name for b in rules(spec)]
     prompts = subsample_prompts(spec.prompts(), cfg.max_prompts, cfg.seed)
     expected = np.array([p.get("expected") or "" for p in prompts])
     t0 = time.perf_counter()
     U = [unit(m.directions[: cfg.n_directions]) for m in methods]
     sizes = [u.shape[0] for u in U]
-    proj = prompt_projections(pair, [p["text"] for p in prompts], torch.cat(U), batch_size=cfg.batch_size)
-    per_method = torch.split(proj.scores, sizes, dim=1)
+    texts = [p["text"] for p in prompts]
+    proj = prompt_projections(pair, texts, torch.cat(U), batch_size=cfg.batch_size)
+    per_method = list(torch.split(proj.scores, sizes, dim=1))
+    codes: dict[int, torch.Tensor] = {}  # per crosscoder: each latent's largest code on each prompt [P, F]
+    for i, m in enumerate(methods):
+        if m.encoder is not None:
+            if id(m.encoder) not in codes:
+                codes[id(m.encoder)] = prompt_max_activations(pair, m.encoder, texts, batch_size=cfg.batch_size).cpu()
+            per_method[i] = codes[id(m.encoder)][:, torch.as_tensor(m.latents[: sizes[i]], dtype=torch.long)]
     peaks = torch.split(proj.peaks, sizes)
     t1 = time.perf_counter()
 
-    # detection first: the best direction per method and behaviour, hence the steering runs to make
+    # detection first: the best direction per method and behaviour, hence the steering runs to make; methods
+    # that share a direction (a ranking read two ways) share its runs
     det = [{b: auroc(sc.numpy(), expected == b) for b in behaviours} for sc in per_method]
     best = [{b: int(np.nanargmax(np.nan_to_num(a, nan=-1.0))) for b, a in dm.items()} for dm in det]
-    todo = sorted({(i, j) for i, bm in enumerate(best) for j in bm.values()})
+    key = [[u[j].detach().cpu().numpy().tobytes() for j in range(u.shape[0])] for u in U]
+    todo: dict[bytes, tuple[int, int]] = {}
+    for i, bm in enumerate(best):
+        for j in sorted(set(bm.values())):
+            todo.setdefault(key[i][j], (i, j))
     models = {"base": pair.base, "chat": pair.chat}
     unsteered = {name: _rates(models[name], pair, spec, prompts, cfg) for name in cfg.models}
-    steered: dict[tuple[int, int], dict[str, list[dict]]] = {}
-    reach = {(i, j): steer_scales(cfg.steer_unit, proj.scales, float(peaks[i][j])) for i, j in todo}
+    steered: dict[bytes, dict[str, list[dict]]] = {}
+    reach = {k: steer_scales(cfg.steer_unit, proj.scales, float(peaks[i][j])) for k, (i, j) in todo.items()}
     with tqdm(total=len(todo) * len(cfg.models) * len(cfg.alphas), disable=not cfg.progress,
               desc="scoreboard steer", unit="run") as bar:
-        for i, j in todo:
-            steered[i, j] = {}
+        for k, (i, j) in todo.items():
+            steered[k] = {}
             for name in cfg.models:
-                runs = steered[i, j][name] = []
+                runs = steered[k][name] = []
                 for alpha in cfg.alphas:
-                    with steering(models[name], pair.layer, (U[i][j] * (alpha * reach[i, j][name])).to(pair.device)):
+                    with steering(models[name], pair.layer, (U[i][j] * (alpha * reach[k][name])).to(pair.device)):
                         runs.append({"alpha": alpha, "rates": _rates(models[name], pair, spec, prompts, cfg)})
                     bar.update(1)
     board = []
     for i, (m, u) in enumerate(zip(methods, U)):
         rec = {"name": m.name, "family": m.family, "description": m.description, "labels": m.labels[: u.shape[0]],
+               "reading": "projection" if m.encoder is None else "codes",
                "latents": None if m.latents is None else m.latents[: u.shape[0]],
                "norms": [float(v) for v in m.directions[: u.shape[0]].norm(dim=1)], "behaviours": {}}
         for b in behaviours:
             a, j = det[i][b], best[i][b]
             steer = {}
-            for name, runs in steered[i, j].items():
+            for name, runs in steered[key[i][j]].items():
                 rates = [r["rates"][b]["rate"] for r in runs]
                 k = int(np.nanargmax(np.nan_to_num(rates, nan=-1.0)))
                 steer[name] = {"unsteered": unsteered[name][b]["rate"], "best": rates[k], "best_alpha": runs[k]["alpha"],
@@ -400,19 +432,24 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
             rec["behaviours"][b] = {"auroc": float(a[j]) if np.isfinite(a[j]) else None,
                                     "aurocs": [float(v) if np.isfinite(v) else None for v in a],
                                     "best": j, "best_label": rec["labels"][j], "steer": steer,
-                                    "steer_scale": reach[i, j]}
+                                    "steer_scale": reach[key[i][j]]}
         board.append(rec)
     t2 = time.perf_counter()
-    kl = subspace_kl(pair, [Method(m.name, m.family, m.directions[: cfg.n_directions], m.labels, m.latents,
-                                   m.description) for m in methods], sequences, kl_cfg or KLConfig(progress=cfg.progress))
+    spans: dict[bytes, Method] = {}  # one patch per distinct set of directions
+    patch_of = {}
+    for m in methods:
+        top = m.directions[: cfg.n_directions]
+        patch_of[m.name] = spans.setdefault(top.detach().cpu().float().numpy().tobytes(),
+                                            Method(m.name, m.family, top, m.labels, m.latents, m.description)).name
+    kl = subspace_kl(pair, list(spans.values()), sequences, kl_cfg or KLConfig(progress=cfg.progress))
     for rec in board:
-        rec.update(kl=kl[rec["name"]]["kl"], gap_closed=kl[rec["name"]]["gap_closed"])
+        rec.update(kl=kl[patch_of[rec["name"]]]["kl"], gap_closed=kl[patch_of[rec["name"]]]["gap_closed"])
     t3 = time.perf_counter()
     readings = token_readings(logit_lens(pair.chat, torch.cat(U).to(pair.device)), pair.tokenizer, 8)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     for rec, a in zip(board, starts):  # each method's first three directions
         rec["top_tokens"] = [{"label": lab, **rd} for lab, rd in zip(rec["labels"][:3], readings[a:a + 3])]
-    rows = [{"method": rec["name"], "family": rec["family"], "behaviour": b, "auroc": v["auroc"],
+    rows = [{"method": rec["name"], "family": rec["family"], "reading": rec["reading"], "behaviour": b, "auroc": v["auroc"],
              "best": v["best_label"],
              **{f"steer_{name}": v["steer"][name]["best"] for name in cfg.models},
              **{f"unsteered_{name}": v["steer"][name]["unsteered"] for name in cfg.models},
@@ -479,7 +516,7 @@ def build_scoreboard(crosscoders: Mapping[str, tuple[str, str]], *, behaviours: 
             raise CrossdiffError(f"the {kind} crosscoder was trained on another cache ({cc.cfg.cache}, not "
                                  f"{first.cfg.cache}): every method of one scoreboard reads the same layer of one pair")
         table = read_latents(crosscoders[kind][1], cc)
-        methods += crosscoder_methods(cc, table, kind, cfg.n_directions, cfg.rankings)
+        methods += crosscoder_methods(cc, table, kind, cfg.n_directions, cfg.rankings, cfg.readings)
         inputs["crosscoders"][kind] = {"crosscoder": str(crosscoders[kind][0]), CROSSCODER_SHA: cc.weights_sha256,
                                        "latents": str(crosscoders[kind][1])}
     lc = cfg.lens(split=evaluate.split, messages_column=evaluate.messages_column, text_column=text_column)

@@ -55,6 +55,7 @@ def scoreboard_flow(params_file: str = DEFAULT_PARAMS) -> dict:
         run.log_output("scoreboard", L.scoreboard)
     for rec in board["methods"]:  # one run per method: the MLflow UI compares them side by side
         with tracking.stage_run(f"scoreboard-{rec['name']}", params={"method": rec["name"], "family": rec["family"],
+                                                                     "reading": rec.get("reading", "projection"),
                                                                      "description": rec["description"],
                                                                      "n_directions": cfg.n_directions,
                                                                      "directions": ", ".join(rec["labels"])},

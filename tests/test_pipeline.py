@@ -215,7 +215,8 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
     assert {"metrics/train_l1.json", "metrics/train_batchtopk.json", "metrics/cache.json", "metrics/report.json",
             "metrics/locate.json", "metrics/scoreboard.json"} <= set(metrics)
     board = metrics["metrics/scoreboard.json"]["data"]  # every method, the same numbers for each
-    assert set(board) == {"l1_dnorm", "l1_nu", "batchtopk_dnorm", "batchtopk_nu", "lens", "random"}
+    assert set(board) == {f"{k}_{r}{c}" for k in ("l1", "batchtopk") for r in ("dnorm", "nu") for c in ("", "_codes")} \
+        | {"lens", "random"}
     for m in board.values():
         assert 0 <= m["refusal"]["auroc"] <= 1 and {"steer_base", "steer_chat"} <= set(m["refusal"])
     assert '<h2 id="scoreboard">Scoreboard</h2>' in (ws / "artifacts/report/report.html").read_text()
@@ -303,7 +304,7 @@ def test_mlflow_runs_and_lineage(pipeline):
             children.setdefault(r.data.tags["dvc.stage"], []).append(r)
     assert set(children) == STAGES
     methods = {r.data.tags.get("crossdiff.method") for r in children["scoreboard"]} - {None}  # a run per method
-    assert {"l1_dnorm", "batchtopk_nu", "lens", "random"} <= methods
+    assert {"l1_dnorm", "batchtopk_nu", "batchtopk_nu_codes", "lens", "random"} <= methods
     # the stages of one dvc invocation share one parent
     repro2 = {r.data.tags["mlflow.parentRunId"] for s in BEFORE_TRAIN_KILL for r in children[s]}
     repro3 = {r.data.tags["mlflow.parentRunId"] for s in STAGES - BEFORE_CACHE - BEFORE_TRAIN_KILL - {"report"}

@@ -136,6 +136,65 @@ def test_known_answers(planted):
     assert all(len(m["top_tokens"]) == min(3, len(m["labels"])) for m in board["methods"])
 
 
+def test_codes_reading_detects_by_the_latents_own_codes(planted):
+    """A hand-set crosscoder whose latent 0 reads the separating direction from the chat half and writes an
+    unrelated chat decoder row: read by its codes it detects (AUROC from codes computed by hand from the
+    hidden states), read by projection on that decoder row it need not; both readings share one direction
+    set, so they share its steering runs and its KL patch."""
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+    from crossdiff_core.scoreboard import chat_directions
+
+    pair, seqs = planted
+    prompts = SPEC.prompts()
+    rows = render_prompts(pair.tokenizer, [p["text"] for p in prompts])
+    pos = np.array([p["expected"] == "weather" for p in prompts])
+    hc = [_hidden(pair.chat, r)[1:] for r in rows]
+    hb = [_hidden(pair.base, r)[1:] for r in rows]
+    mean = torch.stack([a.mean(0) for a in hc])
+    u = (mean[pos].mean(0) - mean[~pos].mean(0)).float()
+    d = pair.d_model
+    g = torch.Generator().manual_seed(11)
+    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=d, dict_size=3, l1_coeff=1.0), scales=torch.tensor([1.5, 2.0]))
+    with torch.no_grad():
+        cc.W_enc.zero_()
+        cc.W_enc[1, :, 0] = u / u.norm()  # latent 0: the chat half along u
+        cc.W_enc[0, :, 1] = torch.randn(d, generator=g)  # latent 1: a random base-half reader
+        cc.W_enc[1, :, 2] = -u / u.norm()
+        cc.b_enc.copy_(torch.tensor([50.0, 0.0, 0.2]))  # latent 0 never clipped: a monotone map of <h_c, u>
+        cc.W_dec.copy_(torch.randn(3, 2, d, generator=g).permute(1, 0, 2))
+    lat = [0, 1, 2]
+    dirs = chat_directions(cc, lat)
+    methods = [Method("cc", "crosscoder", dirs, [f"latent {j}" for j in lat], lat, "by projection"),
+               Method("cc_codes", "crosscoder", dirs, [f"latent {j}" for j in lat], lat, "by codes", cc)]
+    board = _board(pair, seqs, methods, n=3)
+    rec = {m["name"]: m for m in board["methods"]}
+    assert rec["cc"]["reading"] == "projection" and rec["cc_codes"]["reading"] == "codes"
+    # codes by hand: relu(W_enc^T [h_b / s_b; h_c / s_c] + b_enc), the largest over each prompt's tokens
+    W = cc.W_enc.detach().double()  # [2, d, F]
+    want = torch.stack([torch.relu(b @ W[0] / 1.5 + c @ W[1] / 2.0 + cc.b_enc.detach().double()).max(0).values
+                        for b, c in zip(hb, hc)]).numpy()  # [P, F]
+    proj = torch.stack([(c @ unit(dirs).double().T).max(0).values for c in hc]).numpy()
+    for got, scores in ((rec["cc_codes"], want), (rec["cc"], proj)):
+        for j in range(3):
+            s1, s0 = scores[pos, j], scores[~pos, j]
+            pairwise = np.mean([(a > b) + 0.5 * (a == b) for a in s1 for b in s0])
+            np.testing.assert_allclose(got["behaviours"]["weather"]["aurocs"][j], pairwise, atol=1e-9)
+    # latent 0's codes rank the prompts as their chat activations' projection on u does
+    on_u = torch.stack([(c @ (u / u.norm()).double()).max() for c in hc]).numpy()
+    want_u = np.mean([(a > b) + 0.5 * (a == b) for a in on_u[pos] for b in on_u[~pos]])
+    np.testing.assert_allclose(rec["cc_codes"]["behaviours"]["weather"]["aurocs"][0], want_u, atol=1e-9)
+    assert rec["cc_codes"]["behaviours"]["weather"]["aurocs"] != rec["cc"]["behaviours"]["weather"]["aurocs"]
+    # one direction set: the same KL patch; a direction both readings chose is steered once (identical runs)
+    assert rec["cc"]["gap_closed"] == rec["cc_codes"]["gap_closed"]
+    assert [m["method"] for m in board["rows"]] == ["cc", "cc_codes"] and board["rows"][1]["reading"] == "codes"
+    jp, jc = (rec[n]["behaviours"]["weather"]["best"] for n in ("cc", "cc_codes"))
+    if jp == jc:
+        assert rec["cc"]["behaviours"]["weather"]["steer"] == rec["cc_codes"]["behaviours"]["weather"]["steer"]
+    # a codes method needs the latent ids of its directions
+    with pytest.raises(Exception, match="latent id"):
+        _board(pair, seqs, [Method("bad", "crosscoder", dirs, ["a", "b", "c"], None, "no ids", cc)], n=3)
+
+
 def test_random_control_is_seeded_and_one_direction_closes_part(planted):
     pair, seqs = planted
     r1, r2 = random_method(pair.d_model, 2, seed=3), random_method(pair.d_model, 2, seed=3)
@@ -193,6 +252,9 @@ def test_crosscoder_methods_rank_and_read_the_chat_decoder():
     assert ms["l1_nu"].latents == [4, 2, 3]  # chat-only by ν rank, filled up by Δnorm
     torch.testing.assert_close(ms["l1_dnorm"].directions, 3.0 * cc.W_dec.detach()[1, [4, 2, 3]])
     assert crosscoder_methods(cc, _table(), "l1", 1, ["nu"])[0].latents == [4]
+    both = crosscoder_methods(cc, _table(), "l1", 3, ["dnorm"], ["projection", "codes"])
+    assert [m.name for m in both] == ["l1_dnorm", "l1_dnorm_codes"] and both[0].encoder is None and both[1].encoder is cc
+    assert both[1].latents == [4, 2, 3] and torch.equal(both[0].directions, both[1].directions)
 
 
 def test_lens_method_order_and_zero_vectors():
@@ -208,7 +270,7 @@ def test_lens_method_order_and_zero_vectors():
 
 def test_config_refuses_bad_settings():
     for bad in ({"n_directions": 0}, {"rankings": ["delta"]}, {"alphas": []}, {"models": ["other"]},
-                {"max_prompts": 1}, {"unknown": 1}):
+                {"max_prompts": 1}, {"unknown": 1}, {"readings": []}, {"readings": ["decoder"]}):
         with pytest.raises(ConfigError):
             ScoreboardConfig.from_dict(bad)
     assert ScoreboardConfig.from_dict({"lens_positions": 3}).lens().n_positions == 3
@@ -245,7 +307,8 @@ def test_cli_scoreboard_and_its_bad_input(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     board = json.loads((tmp_path / "board.json").read_text())
-    assert [m["name"] for m in board["methods"]] == ["L1_dnorm", "L1_nu", "lens", "random"]
+    assert [m["name"] for m in board["methods"]] == ["L1_dnorm", "L1_dnorm_codes", "L1_nu", "L1_nu_codes", "lens",
+                                                      "random"]
     assert board["methods"][0]["latents"] == [4, 2] and board["layer"] == 1
     assert (tmp_path / "board.lens.json").is_file() and (tmp_path / "board.lens.safetensors").is_file()
     assert all(f'"{m}": {{' in r.output for m in ("L1_dnorm", "L1_nu", "lens", "random"))  # the headline numbers

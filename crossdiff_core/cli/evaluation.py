@@ -12,7 +12,7 @@ from .options import Spec, config_options
 # commands' own options
 EVALUATE_OPTIONS = Spec(EvaluateConfig, exclude=("chats",))
 STEER_OPTIONS = Spec(SteerConfig, exclude=("alphas", "models", "latents", "behaviours", "prompts", "max_prompts"))
-SCOREBOARD_OPTIONS = Spec(ScoreboardConfig, exclude=("rankings", "alphas", "models", "max_prompts"))
+SCOREBOARD_OPTIONS = Spec(ScoreboardConfig, exclude=("rankings", "readings", "alphas", "models", "max_prompts"))
 
 
 @app.command()

@@ -83,7 +83,8 @@ def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
         r = board.get("steer_norms") or {}
         scale += " (" + ", ".join(f"{k} {v:.3g}" for k, v in r.items()) + ")" if r else ""
     protocol = (f"Each method proposes its top {board['n_directions']} directions at block {board['layer']}. Detection: AUROC of "
-                f"a prompt's largest projection on the chat model's activations (trigger prompts vs the rest, "
+                f"a prompt's largest projection on the chat model's activations (for a _codes method the latent's "
+                f"largest code, the same latents as its ranking's row; trigger prompts vs the rest, "
                 f"{board['n_prompts']} prompts), best of the N. Steering: that best direction, scaled to a × the "
                 f"{scale} (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best a. "
                 f"KL gap: the share closed when the chat model's block output is replaced by h_b + P(h_c − h_b), P "
