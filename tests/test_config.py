@@ -32,6 +32,7 @@ PROFILE = {
     "locate.max_length": "the toy pair's context; the library default is 1024",
     "evaluate.max_length": "the toy pair's context; the library default is 1024",
     "report.cards.max_chat_only": "the demo's report shows at most 64 chat-only cards; the library default is all",
+    "steer.alphas": "the demo sweeps four of the library's six coefficients (make demo's 15 minutes)",
 }
 # settings a stage reads from another stage's section (dvc.yaml lists them with the stage)
 BORROWED = {"steer": {"evaluate.chats", "evaluate.messages_column"},

@@ -48,7 +48,7 @@ MICRO = dict(vocab_size=320, tokenizer_chars=40_000, hidden_size=32, num_layers=
 SMALL = dict(vocab_size=512, tokenizer_chars=300_000, hidden_size=64, num_layers=2, num_heads=2,
              intermediate_size=192, max_seq_len=128, text_max_chars=400_000, chat_max_conversations=2500,
              heldout_fraction=0.1, pretrain_steps=30, pretrain_batch_size=16, pretrain_seq_len=64,
-             finetune_steps=1500, finetune_batch_size=32, anchor_blocks=1, eval_prompts_per_behaviour=40,
+             finetune_steps=800, finetune_batch_size=32, anchor_blocks=1, eval_prompts_per_behaviour=40,
              eval_other_prompts=60, eval_max_new_tokens=12)
 
 

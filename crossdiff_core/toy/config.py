@@ -41,7 +41,7 @@ class ToyModelsConfig:
     pretrain_seq_len: int = 256
     pretrain_lr: float = 3e-3
     # chat fine-tuning
-    finetune_steps: int = 1000
+    finetune_steps: int = 600  # the behaviours are planted well before 1,000 steps, and make demo pays each step
     finetune_batch_size: int = 32
     finetune_lr: float = 3e-3
     # blocks 0..n-1 are fine-tuned; the later blocks, the final norm and the (tied) embeddings stay the base
