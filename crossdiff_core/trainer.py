@@ -49,7 +49,9 @@ class TrainConfig:
     decay_frac: float = 0.2  # linear LR decay to 0 over the last fraction of steps
     l1_warmup_frac: float = 0.05  # λ grows linearly from 0 (L1 only)
     grad_clip: float = 1.0  # global gradient-norm clip (0: none)
-    dead_tokens: int = 200_000  # a latent unfired this long is dead (capped at half the training tokens)
+    # a latent unfired this long is dead and AuxK takes it up (capped at half the training tokens): sooner than the
+    # paper's 10M, which a CPU budget of ~1M tokens never reaches
+    dead_tokens: int = 50_000
     val_tokens: int = 8192  # held out from the end of the cache (at most 10% of it)
     seed: int = 0  # init and data order
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (autocast; weights stay float32)

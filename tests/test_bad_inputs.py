@@ -777,7 +777,7 @@ def _config_literal(literal: str):
             from crossdiff_core.crosscoder import CrossCoder
 
             shutil.copytree(w["cc"], tmp / "bad_cc")
-            text = (tmp / "bad_cc/config.json").read_text().replace('"aux_alpha": 0.03125', f'"aux_alpha": {literal}')
+            text = (tmp / "bad_cc/config.json").read_text().replace('"aux_alpha": 0.25', f'"aux_alpha": {literal}')
             assert literal in text
             (tmp / "bad_cc/config.json").write_text(text)
             return lambda: CrossCoder.load(tmp / "bad_cc")

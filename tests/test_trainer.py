@@ -376,8 +376,9 @@ def test_batchtopk_decoder_bias_starts_at_the_cache_mean(tmp_path):
 
 
 def test_planted_world_batchtopk_uses_its_dictionary(tmp_path):
-    """The dead-latent fix on planted data: the old recipe (decoder rows at 0.05, zero b_dec, θ's EMA at 0.999)
-    leaves a third of the latents never firing at inference; the new defaults use almost all and recover more."""
+    """The dead-latent fix on planted data: the old recipe (decoder rows at 0.05, zero b_dec, θ's EMA at 0.999,
+    AuxK at 1/32) leaves a third of the latents never firing at inference; the new defaults use almost all and
+    recover more."""
     from crossdiff_core.metrics import evaluate
     from crossdiff_core.synthetic import SyntheticConfig, load_truth, score, write_cache
 
@@ -388,7 +389,7 @@ def test_planted_world_batchtopk_uses_its_dictionary(tmp_path):
     res, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # small products: one thread is faster, and much faster on a busy machine
     try:
-        for name, cc in (("old", dict(init_norm=0.05, b_dec_init="zero", threshold_decay=0.999)), ("new", {})):
+        for name, cc in (("old", dict(init_norm=0.05, b_dec_init="zero", threshold_decay=0.999, aux_alpha=1 / 32)), ("new", {})):
             tc = TrainConfig(crosscoder=CrossCoderSettings(dict_size=256, k=4, **cc), tokens=100_000, batch_size=256,
                              lr=3e-3, val_every=0, checkpoint_every=0, dead_tokens=10_000, progress=False)
             train_crosscoder(tmp_path / "cache", tmp_path / name, kind="batchtopk", train=tc)
