@@ -10,6 +10,15 @@ promising first:
 - ``<kind>_dnorm_codes``, ``<kind>_nu_codes`` (``readings`` has ``codes``): the same latents read by their own
   codes instead of by a projection (step 1): a crosscoder's latent is a detector before it is a direction, and
   a latent that fires on the trigger tokens need not have a decoder row that stands out in ``h_chat``;
+- ``<kind>_track`` (``rankings`` has ``track``): the latents that track the behaviours, the only method that reads
+  the behaviour labels: per behaviour the AUROC of every live latent's largest code on the prompts, and its best
+  trackers taken in turn (the best of each behaviour, then the second best, ...) up to ``N``. A latent that tracks
+  a behaviour is often shared (the concept is in both models; what changed is how later blocks use it), so no
+  chat-specificity ranking finds it. Its detection AUROC is cross-fitted, since a latent picked by its AUROC on
+  the prompts it is scored on would beat every unsupervised method by construction: the prompts are split in two
+  halves (stratified by what each should trigger, seeded), the best tracker of one half is scored on the other,
+  and the two held-out AUROCs are averaged. Its steering and KL patch use the trackers picked on all prompts: a
+  direction chosen for detecting a behaviour is not thereby chosen to cause it;
 - ``lens``: the activation-difference lens at ``L`` (:mod:`crossdiff_core.diff_lens`): each source's ``δ_L``,
   then its per-position ``δ_{L,p}``, largest first;
 - ``random``: ``N`` isotropic Gaussian directions (seeded): the floor every score is read against.
@@ -21,10 +30,11 @@ conversations with the same prompts, budgets and ``N``:
    for a ``_codes`` method it is the latent's largest code ``max_t f_j(h_base,L[t], h_chat,L[t])`` there instead
    (:func:`~crossdiff_core.behaviour_tracking.prompt_max_activations`). Per behaviour ``b`` the AUROC of its
    trigger prompts against all others (:func:`~crossdiff_core.behaviour_tracking.auroc`). The method's
-   detection is the best of its ``N``; that direction (a latent's chat decoder row, whatever the reading) is
-   the one steered, and a direction two methods share is steered and patched once.
-2. **Steering.** The best direction, ``v = a · r_m · u/‖u‖``, is added at every position while the base and the
-   chat model answer every prompt greedily, for each ``a``. ``r_m`` is a block-``L`` scale over the prompts'
+   detection is the best of its ``N`` (``_track``: cross-fitted, above); its ``steer_top`` best-detecting
+   directions (a latent's chat decoder row, whatever the reading) are the ones steered, and a direction two
+   methods share is steered and patched once.
+2. **Steering.** Each of those directions, ``v = a · r_m · u/‖u‖``, is added at every position while the base
+   and the chat model answer every prompt greedily, for each ``a``. ``r_m`` is a block-``L`` scale over the prompts'
    tokens (``steer_unit``):
 
    - ``peak`` (default): the direction's own reach, ``r = max_t ⟨h_c[t] − h̄_c, u/‖u‖⟩``, how far the chat model's
@@ -39,8 +49,9 @@ conversations with the same prompts, budgets and ``N``:
    set by those coordinates, which no direction orthogonal to them moves: a × that norm wrecks the answers at
    a = 1 and moves nothing at 0.25, and a × the spread (0.69 of the norm there) still wrecks them at a = 1
    (BENCHMARKS.md): one scale for every direction is far too large for a single feature's direction. The
-   behaviour's rate over all prompts (triggers and others pooled) at the best ``a`` is the headline, beside the
-   unsteered rate (per model).
+   behaviour's rate over all prompts (triggers and others pooled) at the best ``a`` and the best of the
+   ``steer_top`` directions is the headline, beside the unsteered rate (per model): every method gets the same
+   number of tries, so the random control's best is the floor for the same budget.
 3. **KL gap.** On the held-out conversations the chat model's block-``L`` output is replaced by
    ``h_S = h_b + P_U (h_c − h_b)``, ``P_U`` the orthogonal projection onto the span of the method's ``N``
    directions, and the chat model runs on (:func:`~crossdiff_core.kl_eval.kl_gap`): the share
@@ -67,7 +78,7 @@ from tqdm.auto import tqdm
 
 from .behaviour_tracking import auroc, prompt_max_activations
 from .behaviours import measure, rules
-from .chat_rank import top_chat
+from .chat_rank import live_mask, top_chat
 from .config import from_dict, neutral
 from .crosscoder import CrossCoder
 from .decoder_norms import CHAT_ONLY
@@ -80,7 +91,7 @@ from .patch_sets import PatchSet, nu_order
 from .steering import steering, subsample_prompts
 
 FORMAT_VERSION = 1
-RANKINGS = ("dnorm", "nu")
+RANKINGS = ("dnorm", "nu", "track")
 READINGS = ("projection", "codes")
 STEER_UNITS = ("peak", "spread", "norm")
 MODELS = ("base", "chat")
@@ -92,11 +103,16 @@ class ScoreboardConfig:
     """Settings of :func:`score_methods` (params.yaml ``scoreboard``): one protocol for every method."""
 
     n_directions: int = 8  # N: each method's top-N directions, the same for every method
-    rankings: tuple[str, ...] = RANKINGS  # a crosscoder's latents ranked by Δnorm (dnorm) and/or ν (nu): a method each
+    # a crosscoder's latents ranked by Δnorm (dnorm), ν (nu) and/or how well they track the behaviours (track,
+    # the one supervised ranking; its AUROC is cross-fitted): a method each
+    rankings: tuple[str, ...] = RANKINGS
     # how a crosscoder method's latents detect: projection (of h_chat on the chat decoder row, as every method) and/or
     # codes (the latent's own code): a method per ranking and reading
     readings: tuple[str, ...] = READINGS
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # steering scale a, in units of steer_unit
+    # each method's best-detecting directions steered per behaviour (the best rate counts): the detection-best
+    # direction is often not the one that causes the behaviour, and every method gets the same tries
+    steer_top: int = 2
     # r_m: peak, each direction's reach max_t <h_c[t] - mean h_c, u> (its strongest token); spread, the block-L
     # activations' sqrt(E||h - mean h||^2); norm, their mean norm (one scale for every direction)
     steer_unit: str = "peak"
@@ -116,8 +132,10 @@ class ScoreboardConfig:
 
     def __post_init__(self) -> None:
         self.lens()  # the lens settings are checked where they live
-        if isinstance(self.n_directions, bool) or not isinstance(self.n_directions, int) or self.n_directions < 1:
-            raise ConfigError(f"scoreboard.n_directions must be an int >= 1, got {self.n_directions!r}")
+        for key in ("n_directions", "steer_top"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"scoreboard.{key} must be an int >= 1, got {v!r}")
         self.rankings, self.models, self.readings = tuple(self.rankings), tuple(self.models), tuple(self.readings)
         self.alphas = tuple(float(a) for a in self.alphas)
         bad = [r for r in self.rankings if r not in RANKINGS] + [m for m in self.models if m not in MODELS]
@@ -158,6 +176,9 @@ class Method(NamedTuple):
     latents: list[int] | None  # a crosscoder's latent ids (None for the others)
     description: str
     encoder: CrossCoder | None = None  # detection by these latents' codes; None: by projection (module docstring)
+    # latents holds the candidates (every live latent) and directions is empty until score_methods picks the
+    # trackers with the behaviour labels (:func:`pick_trackers`); detection is then cross-fitted
+    supervised: bool = False
 
 
 # ---- the methods --------------------------------------------------------------------------------------
@@ -171,9 +192,17 @@ def chat_directions(cc: CrossCoder, latents: Sequence[int]) -> torch.Tensor:
 def crosscoder_methods(cc: CrossCoder, table: pd.DataFrame, kind: str, n: int,
                        rankings: Sequence[str] = RANKINGS, readings: Sequence[str] = ("projection",)) -> list[Method]:
     """A crosscoder's methods: its top ``n`` live latents by each ranking in ``rankings``, read by each of
-    ``readings`` (module docstring)."""
+    ``readings`` (module docstring); the ``track`` ranking is one method whatever the readings (its trackers are
+    picked, and read, by their codes)."""
     out = []
     for r in rankings:
+        if r == "track":
+            live = [int(j) for j in table["latent"].to_numpy(np.int64)[live_mask(table)]]
+            if live:
+                out.append(Method(f"{kind}_track", "crosscoder", torch.zeros(0, cc.cfg.d_model), [], live,
+                                  f"{kind} crosscoder: the live latents that track the behaviours best on the prompts "
+                                  "(supervised; AUROC cross-fitted)", cc, supervised=True))
+            continue
         if r == "dnorm":
             lat = [int(j) for j in top_chat(table, n)]
             what = "the most chat-specific live latents (Δnorm, then ν)"
@@ -226,6 +255,51 @@ def unit(directions: torch.Tensor) -> torch.Tensor:
     d = directions.double()
     n = d.norm(dim=1, keepdim=True)
     return torch.where(n > 0, d / n.clamp_min(1e-300), torch.zeros_like(d)).float()
+
+
+def halves(expected: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``[P]`` int64 in {0, 1}: the prompts split in two halves, each kind of ``expected`` (what a prompt should
+    trigger, "" for nothing) dealt alternately after a seeded shuffle, so each half has its share of every kind."""
+    expected = np.asarray(expected)
+    fold = np.zeros(len(expected), dtype=np.int64)
+    rng = np.random.default_rng(int(seed) + 104729)
+    for kind in sorted(set(expected.tolist())):
+        idx = rng.permutation(np.flatnonzero(expected == kind))
+        fold[idx] = np.arange(len(idx)) % 2
+    return fold
+
+
+def _desc(a: np.ndarray) -> np.ndarray:
+    """Column order by AUROC, best first, NaN last, ties by column (a stable sort)."""
+    return np.argsort(-np.nan_to_num(np.asarray(a, dtype=np.float64), nan=-np.inf), kind="stable")
+
+
+def pick_trackers(scores: np.ndarray, expected: np.ndarray, behaviours: Sequence[str], n: int) -> list[int]:
+    """The ``n`` columns of ``scores [P, L]`` (candidates' scores per prompt) that track the behaviours best:
+    per behaviour the columns by their AUROC (its trigger prompts against the rest), taken in turn (every
+    behaviour's best, then every behaviour's second best, ...), each column once. Column indices."""
+    orders = [_desc(auroc(scores, expected == b)) for b in behaviours]
+    picked: list[int] = []
+    for rank in range(scores.shape[1]):  # at most n ranks: each adds a column until n are picked
+        for o in orders:
+            if int(o[rank]) not in picked:
+                picked.append(int(o[rank]))
+            if len(picked) == n:
+                return picked
+    return picked
+
+
+def crossfit_auroc(scores: np.ndarray, positive: np.ndarray, fold: np.ndarray) -> float:
+    """The held-out AUROC of picking the best column of ``scores [P, L]`` by its AUROC: the best column on
+    one half (``fold`` 0 / 1) scored on the other, both ways, averaged. NaN when a half lacks a side."""
+    positive, held = np.asarray(positive, dtype=bool), []
+    for f in (0, 1):
+        pick, test = fold != f, fold == f
+        a = auroc(scores[pick], positive[pick])
+        if not np.isfinite(a).any():
+            return float("nan")
+        held.append(float(auroc(scores[test][:, [int(_desc(a)[0])]], positive[test])[0]))
+    return float(np.mean(held))
 
 
 class Projections(NamedTuple):
@@ -373,32 +447,44 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
             raise CrossdiffError(f"method {m.name}: directions must be finite [n, {d}], got {list(m.directions.shape)}")
         if m.encoder is not None and (m.latents is None or len(m.latents) < min(cfg.n_directions, len(m.directions))):
             raise CrossdiffError(f"method {m.name} reads codes: it needs a latent id per direction")
+        if m.supervised and (m.encoder is None or not m.latents):
+            raise CrossdiffError(f"method {m.name} picks trackers: it needs a crosscoder (encoder) and candidate latents")
     behaviours = [b.name for b in rules(spec)]
     prompts = subsample_prompts(spec.prompts(), cfg.max_prompts, cfg.seed)
     expected = np.array([p.get("expected") or "" for p in prompts])
+    fold = halves(expected, cfg.seed)
     t0 = time.perf_counter()
+    texts = [p["text"] for p in prompts]
+    codes: dict[int, torch.Tensor] = {}  # per crosscoder: each latent's largest code on each prompt [P, F]
+    for m in methods:
+        if m.encoder is not None and id(m.encoder) not in codes:
+            codes[id(m.encoder)] = prompt_max_activations(pair, m.encoder, texts, batch_size=cfg.batch_size).cpu()
+    crossfit: dict[int, dict[str, float]] = {}  # supervised methods: the cross-fitted AUROC per behaviour
+    for i, m in enumerate(methods):
+        if m.supervised:
+            cand = codes[id(m.encoder)][:, torch.as_tensor(m.latents, dtype=torch.long)].numpy()
+            crossfit[i] = {b: crossfit_auroc(cand, expected == b, fold) for b in behaviours}
+            lat = [m.latents[j] for j in pick_trackers(cand, expected, behaviours, cfg.n_directions)]
+            methods[i] = m._replace(directions=chat_directions(m.encoder, lat), latents=lat,
+                                    labels=[f"latent {j}" for j in lat])
     U = [unit(m.directions[: cfg.n_directions]) for m in methods]
     sizes = [u.shape[0] for u in U]
-    texts = [p["text"] for p in prompts]
     proj = prompt_projections(pair, texts, torch.cat(U), batch_size=cfg.batch_size)
     per_method = list(torch.split(proj.scores, sizes, dim=1))
-    codes: dict[int, torch.Tensor] = {}  # per crosscoder: each latent's largest code on each prompt [P, F]
     for i, m in enumerate(methods):
         if m.encoder is not None:
-            if id(m.encoder) not in codes:
-                codes[id(m.encoder)] = prompt_max_activations(pair, m.encoder, texts, batch_size=cfg.batch_size).cpu()
             per_method[i] = codes[id(m.encoder)][:, torch.as_tensor(m.latents[: sizes[i]], dtype=torch.long)]
     peaks = torch.split(proj.peaks, sizes)
     t1 = time.perf_counter()
 
-    # detection first: the best direction per method and behaviour, hence the steering runs to make; methods
-    # that share a direction (a ranking read two ways) share its runs
+    # detection first: per method and behaviour its steer_top best directions, hence the steering runs to make;
+    # methods that share a direction (a ranking read two ways) share its runs
     det = [{b: auroc(sc.numpy(), expected == b) for b in behaviours} for sc in per_method]
-    best = [{b: int(np.nanargmax(np.nan_to_num(a, nan=-1.0))) for b, a in dm.items()} for dm in det]
+    tops = [{b: [int(j) for j in _desc(a)[: cfg.steer_top]] for b, a in dm.items()} for dm in det]
     key = [[u[j].detach().cpu().numpy().tobytes() for j in range(u.shape[0])] for u in U]
     todo: dict[bytes, tuple[int, int]] = {}
-    for i, bm in enumerate(best):
-        for j in sorted(set(bm.values())):
+    for i, tm in enumerate(tops):
+        for j in sorted({j for js in tm.values() for j in js}):
             todo.setdefault(key[i][j], (i, j))
     models = {"base": pair.base, "chat": pair.chat}
     unsteered = {name: _rates(models[name], pair, spec, prompts, cfg) for name in cfg.models}
@@ -417,22 +503,29 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     board = []
     for i, (m, u) in enumerate(zip(methods, U)):
         rec = {"name": m.name, "family": m.family, "description": m.description, "labels": m.labels[: u.shape[0]],
-               "reading": "projection" if m.encoder is None else "codes",
+               "reading": "projection" if m.encoder is None else "codes", "supervised": m.supervised,
                "latents": None if m.latents is None else m.latents[: u.shape[0]],
                "norms": [float(v) for v in m.directions[: u.shape[0]].norm(dim=1)], "behaviours": {}}
         for b in behaviours:
-            a, j = det[i][b], best[i][b]
-            steer = {}
-            for name, runs in steered[key[i][j]].items():
-                rates = [r["rates"][b]["rate"] for r in runs]
-                k = int(np.nanargmax(np.nan_to_num(rates, nan=-1.0)))
-                steer[name] = {"unsteered": unsteered[name][b]["rate"], "best": rates[k], "best_alpha": runs[k]["alpha"],
-                               "runs": [{"alpha": r["alpha"], **{x: r["rates"][b][x] for x in
-                                                                  ("rate", "trigger_rate", "other_rate")}} for r in runs]}
-            rec["behaviours"][b] = {"auroc": float(a[j]) if np.isfinite(a[j]) else None,
+            a, js = det[i][b], tops[i][b]
+            steer, scale = {}, {}
+            for name in cfg.models:
+                runs = [{"label": rec["labels"][j], "alpha": r["alpha"],
+                         **{x: r["rates"][b][x] for x in ("rate", "trigger_rate", "other_rate")}}
+                        for j in js for r in steered[key[i][j]][name]]
+                k = int(np.nanargmax(np.nan_to_num([r["rate"] for r in runs], nan=-1.0)))
+                win = js[k // len(cfg.alphas)]
+                steer[name] = {"unsteered": unsteered[name][b]["rate"], "best": runs[k]["rate"],
+                               "best_alpha": runs[k]["alpha"], "best_label": runs[k]["label"], "runs": runs}
+                scale[name] = reach[key[i][win]][name]
+            in_sample = float(a[js[0]]) if np.isfinite(a[js[0]]) else None
+            held = crossfit[i][b] if i in crossfit else in_sample
+            rec["behaviours"][b] = {"auroc": held if held is None or math.isfinite(held) else None,
                                     "aurocs": [float(v) if np.isfinite(v) else None for v in a],
-                                    "best": j, "best_label": rec["labels"][j], "steer": steer,
-                                    "steer_scale": reach[key[i][j]]}
+                                    "best": js[0], "best_label": rec["labels"][js[0]], "steer": steer,
+                                    "steer_scale": scale}
+            if i in crossfit:
+                rec["behaviours"][b]["auroc_in_sample"] = in_sample
         board.append(rec)
     t2 = time.perf_counter()
     spans: dict[bytes, Method] = {}  # one patch per distinct set of directions
@@ -449,9 +542,10 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     for rec, a in zip(board, starts):  # each method's first three directions
         rec["top_tokens"] = [{"label": lab, **rd} for lab, rd in zip(rec["labels"][:3], readings[a:a + 3])]
-    rows = [{"method": rec["name"], "family": rec["family"], "reading": rec["reading"], "behaviour": b, "auroc": v["auroc"],
-             "best": v["best_label"],
+    rows = [{"method": rec["name"], "family": rec["family"], "reading": rec["reading"], "supervised": rec["supervised"],
+             "behaviour": b, "auroc": v["auroc"], "best": v["best_label"],
              **{f"steer_{name}": v["steer"][name]["best"] for name in cfg.models},
+             **{f"steered_{name}": v["steer"][name]["best_label"] for name in cfg.models},
              **{f"unsteered_{name}": v["steer"][name]["unsteered"] for name in cfg.models},
              **{f"steer_scale_{name}": v["steer_scale"][name] for name in cfg.models},
              "gap_closed_first9": rec["gap_closed"]["first9"], "gap_closed_response": rec["gap_closed"]["response"]}

@@ -1,5 +1,5 @@
-"""Stage 7, the scoreboard: every diffing method (each crosscoder kind ranked by Δnorm and by ν, the
-activation-difference lens, a random-direction control) scored the same way against the pair's known
+"""Stage 7, the scoreboard: every diffing method (each crosscoder kind ranked by Δnorm, by ν and by behaviour
+tracking, the activation-difference lens, a random-direction control) scored the same way against the pair's known
 behaviours: detection AUROC of its best direction, the behaviour rate when that direction steers each model,
 and the KL gap its top set closes. One MLflow run per method beside the stage's run.
 ``python -m flows.scoreboard [--params FILE]``"""
@@ -56,6 +56,7 @@ def scoreboard_flow(params_file: str = DEFAULT_PARAMS) -> dict:
     for rec in board["methods"]:  # one run per method: the MLflow UI compares them side by side
         with tracking.stage_run(f"scoreboard-{rec['name']}", params={"method": rec["name"], "family": rec["family"],
                                                                      "reading": rec.get("reading", "projection"),
+                                                                     "supervised": rec.get("supervised", False),
                                                                      "description": rec["description"],
                                                                      "n_directions": cfg.n_directions,
                                                                      "directions": ", ".join(rec["labels"])},

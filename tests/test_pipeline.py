@@ -216,7 +216,7 @@ def test_pipeline_completes_with_report_and_metrics(pipeline):
             "metrics/locate.json", "metrics/scoreboard.json"} <= set(metrics)
     board = metrics["metrics/scoreboard.json"]["data"]  # every method, the same numbers for each
     assert set(board) == {f"{k}_{r}{c}" for k in ("l1", "batchtopk") for r in ("dnorm", "nu") for c in ("", "_codes")} \
-        | {"lens", "random"}
+        | {f"{k}_track" for k in ("l1", "batchtopk")} | {"lens", "random"}
     for m in board.values():
         assert 0 <= m["refusal"]["auroc"] <= 1 and {"steer_base", "steer_chat"} <= set(m["refusal"])
     assert '<h2 id="scoreboard">Scoreboard</h2>' in (ws / "artifacts/report/report.html").read_text()

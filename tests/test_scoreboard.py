@@ -1,7 +1,8 @@
 """The scoreboard (crossdiff_core.scoreboard) on hand-built directions whose answers are known: projections
 against full forwards' hidden states, AUROC against a pairwise count, a direction and its negative, the
 whole space (closes the whole KL gap) and nothing (closes none), steering runs against the behaviour
-measure run by hand under the same hook, and the methods' rankings on a hand-built latents table."""
+measure run by hand under the same hook, the supervised tracker method against its picks and cross-fitted AUROC
+recomputed by brute force, and the methods' rankings on a hand-built latents table."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from crossdiff_core.errors import ConfigError
 from crossdiff_core.generation import render_prompts
 from crossdiff_core.kl_eval import KLConfig
 from crossdiff_core.models import decoder_layers, load_pair
-from crossdiff_core.scoreboard import (Method, ScoreboardConfig, crosscoder_methods, headline, lens_method,
-                                       pooled_rate, prompt_projections, random_method, score_methods, steer_scales,
-                                       unit)
+from crossdiff_core.scoreboard import (Method, ScoreboardConfig, crossfit_auroc, crosscoder_methods, halves,
+                                       headline, lens_method, pick_trackers, pooled_rate, prompt_projections,
+                                       random_method, score_methods, steer_scales, unit)
 from crossdiff_core.steering import steering
 from tests.test_kl_eval import patched_kl
 from tests.test_locate import CONVERSATIONS, PLANTED, planted_pair_dirs
@@ -89,7 +90,7 @@ def test_known_answers(planted):
     methods = [Method("planted", "test", torch.stack([-u, u]), ["minus", "plus"], None, "u and -u"),
                Method("everything", "test", torch.eye(d), [f"e{i}" for i in range(d)], None, "the whole space"),
                Method("zero_gain", "test", torch.zeros(1, d), ["zero"], None, "a zero direction adds nothing")]
-    board = _board(pair, seqs, methods, n=d)
+    board = _board(pair, seqs, methods, n=d, steer_top=1)  # the detection-best direction only: its run is runs[0]
     rec = {m["name"]: m for m in board["methods"]}
     # detection: AUROC by a pairwise count over each direction's prompt scores (a prompt's largest projection:
     # for -u that is minus the smallest one, so the two AUROCs need not add to 1); the better one is best
@@ -136,15 +137,17 @@ def test_known_answers(planted):
     assert all(len(m["top_tokens"]) == min(3, len(m["labels"])) for m in board["methods"])
 
 
-def test_codes_reading_detects_by_the_latents_own_codes(planted):
-    """A hand-set crosscoder whose latent 0 reads the separating direction from the chat half and writes an
-    unrelated chat decoder row: read by its codes it detects (AUROC from codes computed by hand from the
-    hidden states), read by projection on that decoder row it need not; both readings share one direction
-    set, so they share its steering runs and its KL patch."""
-    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
-    from crossdiff_core.scoreboard import chat_directions
+def _pairwise(s1, s0):
+    """AUROC by counting: the share of (trigger, other) pairs the score orders right, ties half."""
+    return float(np.mean([(a > b) + 0.5 * (a == b) for a in s1 for b in s0]))
 
-    pair, seqs = planted
+
+def _hand_crosscoder(pair, dict_size=3, seed=11):
+    """Latent 0 reads the chat half along the trigger prompts' separating direction u (never clipped), latent 1
+    a random base-half direction, latent 2 the chat half along -u; random decoders. With the codes of every
+    prompt by hand: ``relu(W_enc^T [h_b / s_b; h_c / s_c] + b_enc)``, the largest over its tokens ``[P, F]``."""
+    from crossdiff_core.crosscoder import CrossCoder, CrossCoderConfig
+
     prompts = SPEC.prompts()
     rows = render_prompts(pair.tokenizer, [p["text"] for p in prompts])
     pos = np.array([p["expected"] == "weather" for p in prompts])
@@ -153,26 +156,42 @@ def test_codes_reading_detects_by_the_latents_own_codes(planted):
     mean = torch.stack([a.mean(0) for a in hc])
     u = (mean[pos].mean(0) - mean[~pos].mean(0)).float()
     d = pair.d_model
-    g = torch.Generator().manual_seed(11)
-    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=d, dict_size=3, l1_coeff=1.0), scales=torch.tensor([1.5, 2.0]))
+    g = torch.Generator().manual_seed(seed)
+    cc = CrossCoder(CrossCoderConfig(kind="l1", d_model=d, dict_size=dict_size, l1_coeff=1.0),
+                    scales=torch.tensor([1.5, 2.0]))
     with torch.no_grad():
         cc.W_enc.zero_()
-        cc.W_enc[1, :, 0] = u / u.norm()  # latent 0: the chat half along u
-        cc.W_enc[0, :, 1] = torch.randn(d, generator=g)  # latent 1: a random base-half reader
+        cc.W_enc[1, :, 0] = u / u.norm()
+        cc.W_enc[0, :, 1] = torch.randn(d, generator=g)
         cc.W_enc[1, :, 2] = -u / u.norm()
-        cc.b_enc.copy_(torch.tensor([50.0, 0.0, 0.2]))  # latent 0 never clipped: a monotone map of <h_c, u>
-        cc.W_dec.copy_(torch.randn(3, 2, d, generator=g).permute(1, 0, 2))
+        if dict_size > 3:
+            cc.W_enc[:, :, 3:] = torch.randn(2, d, dict_size - 3, generator=g)
+        b = torch.zeros(dict_size)
+        b[:3] = torch.tensor([50.0, 0.0, 0.2])
+        cc.b_enc.copy_(b)
+        cc.W_dec.copy_(torch.randn(dict_size, 2, d, generator=g).permute(1, 0, 2))
+    W = cc.W_enc.detach().double()  # [2, d, F]
+    codes = torch.stack([torch.relu(b_ @ W[0] / 1.5 + c @ W[1] / 2.0 + cc.b_enc.detach().double()).max(0).values
+                         for b_, c in zip(hb, hc)]).numpy()  # [P, F]
+    return cc, codes, pos, hc, u
+
+
+def test_codes_reading_detects_by_the_latents_own_codes(planted):
+    """A hand-set crosscoder whose latent 0 reads the separating direction from the chat half and writes an
+    unrelated chat decoder row: read by its codes it detects (AUROC from codes computed by hand from the
+    hidden states), read by projection on that decoder row it need not; both readings share one direction
+    set, so they share its steering runs and its KL patch."""
+    from crossdiff_core.scoreboard import chat_directions
+
+    pair, seqs = planted
+    cc, want, pos, hc, u = _hand_crosscoder(pair)
     lat = [0, 1, 2]
     dirs = chat_directions(cc, lat)
     methods = [Method("cc", "crosscoder", dirs, [f"latent {j}" for j in lat], lat, "by projection"),
                Method("cc_codes", "crosscoder", dirs, [f"latent {j}" for j in lat], lat, "by codes", cc)]
-    board = _board(pair, seqs, methods, n=3)
+    board = _board(pair, seqs, methods, n=3, steer_top=1)
     rec = {m["name"]: m for m in board["methods"]}
     assert rec["cc"]["reading"] == "projection" and rec["cc_codes"]["reading"] == "codes"
-    # codes by hand: relu(W_enc^T [h_b / s_b; h_c / s_c] + b_enc), the largest over each prompt's tokens
-    W = cc.W_enc.detach().double()  # [2, d, F]
-    want = torch.stack([torch.relu(b @ W[0] / 1.5 + c @ W[1] / 2.0 + cc.b_enc.detach().double()).max(0).values
-                        for b, c in zip(hb, hc)]).numpy()  # [P, F]
     proj = torch.stack([(c @ unit(dirs).double().T).max(0).values for c in hc]).numpy()
     for got, scores in ((rec["cc_codes"], want), (rec["cc"], proj)):
         for j in range(3):
@@ -193,6 +212,86 @@ def test_codes_reading_detects_by_the_latents_own_codes(planted):
     # a codes method needs the latent ids of its directions
     with pytest.raises(Exception, match="latent id"):
         _board(pair, seqs, [Method("bad", "crosscoder", dirs, ["a", "b", "c"], None, "no ids", cc)], n=3)
+
+
+def _u_stat(s1, s0) -> int:
+    """Twice the Mann-Whitney U by counting (an integer, so ties compare exactly)."""
+    return int(sum(2 * (a > b) + (a == b) for a in s1 for b in s0))
+
+
+def _order(scores, pos):
+    """Columns by AUROC (pair counts), best first, ties by column."""
+    u = [_u_stat(scores[pos, j], scores[~pos, j]) for j in range(scores.shape[1])]
+    return sorted(range(scores.shape[1]), key=lambda j: (-u[j], j))
+
+
+def test_trackers_and_their_cross_fitted_auroc_by_brute_force():
+    rng = np.random.default_rng(0)
+    expected = np.array(["a"] * 5 + ["b"] * 4 + [""] * 7)
+    scores = rng.normal(size=(16, 9))
+    scores[expected == "a", 3] += 5.0  # column 3 tracks a, 6 less well; 5 tracks b
+    scores[expected == "a", 6] += 1.0
+    scores[expected == "b", 5] += 5.0
+    fold = halves(expected, seed=1)
+    for k in ("a", "b", ""):  # each kind dealt evenly between the halves; seeded
+        n = int((expected == k).sum())
+        assert sorted([int((fold[expected == k] == f).sum()) for f in (0, 1)]) == [n // 2, n - n // 2]
+    assert np.array_equal(fold, halves(expected, seed=1))
+    assert any(not np.array_equal(fold, halves(expected, seed=s)) for s in range(2, 6))
+    # picks: each behaviour's best in turn, each column once
+    oa, ob = _order(scores, expected == "a"), _order(scores, expected == "b")
+    want: list[int] = []
+    for r in range(9):
+        for o in (oa, ob):
+            if o[r] not in want:
+                want.append(o[r])
+    assert want[:2] == [3, 5]
+    for n in (1, 4, 9):
+        assert pick_trackers(scores, expected, ["a", "b"], n) == want[:n]
+    # cross-fitted: the best column of one half scored on the other, both ways, averaged
+    for b in ("a", "b"):
+        pos, held = expected == b, []
+        for f in (0, 1):
+            tr, te = fold != f, fold == f
+            j = _order(scores[tr], pos[tr])[0]
+            held.append(_u_stat(scores[te & pos, j], scores[te & ~pos, j]) / (2 * (te & pos).sum() * (te & ~pos).sum()))
+        assert crossfit_auroc(scores, pos, fold) == pytest.approx(float(np.mean(held)), abs=1e-12)
+    # a half without a trigger prompt has nothing to pick or score with
+    assert math.isnan(crossfit_auroc(scores, expected == "a", np.zeros(16, dtype=np.int64)))
+
+
+def test_track_method_picks_its_latents_and_steers_its_best_trackers(planted):
+    """The supervised method on a hand-set crosscoder: its picks, cross-fitted AUROC and in-sample AUROC from
+    codes computed by hand, its directions the picks' chat decoder rows, and with ``steer_top`` 2 both of its
+    best trackers steered, the better rate counting and named."""
+    from crossdiff_core.scoreboard import chat_directions
+
+    pair, seqs = planted
+    cc, codes, pos, _, _ = _hand_crosscoder(pair, dict_size=6)
+    table = _table()  # six latents, 5 dead: candidates 0..4
+    (m,) = crosscoder_methods(cc, table, "cc", 3, ["track"], ["projection", "codes"])
+    assert m.name == "cc_track" and m.supervised and m.encoder is cc and m.latents == [0, 1, 2, 3, 4]
+    board = _board(pair, seqs, [m], n=3, steer_top=2)
+    rec = board["methods"][0]
+    v = rec["behaviours"]["weather"]
+    expected = np.array([p["expected"] or "" for p in SPEC.prompts()])
+    cand = codes[:, :5]
+    picks = pick_trackers(cand, expected, ["weather"], 3)
+    assert rec["latents"] == picks == _order(cand, pos)[:3] and rec["supervised"] and rec["reading"] == "codes"
+    np.testing.assert_allclose(rec["norms"], chat_directions(cc, picks).norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(v["aurocs"], [_u_stat(cand[pos, j], cand[~pos, j]) / (2 * pos.sum() * (~pos).sum())
+                                             for j in picks], atol=1e-9)
+    assert v["auroc_in_sample"] == max(v["aurocs"]) and v["best"] == 0
+    assert v["auroc"] == pytest.approx(crossfit_auroc(cand, pos, halves(expected, 0)), abs=1e-9)
+    for model in ("base", "chat"):
+        s = v["steer"][model]
+        assert [r["label"] for r in s["runs"]] == [f"latent {j}" for j in picks[:2]]  # one a each
+        k = int(np.argmax([r["rate"] for r in s["runs"]]))
+        assert s["best"] == s["runs"][k]["rate"] and s["best_label"] == s["runs"][k]["label"]
+    assert board["rows"][0]["supervised"] and board["rows"][0]["steered_chat"] == v["steer"]["chat"]["best_label"]
+    # a supervised method needs the crosscoder that reads its candidates
+    with pytest.raises(Exception, match="picks trackers"):
+        _board(pair, seqs, [m._replace(encoder=None)], n=3)
 
 
 def test_random_control_is_seeded_and_one_direction_closes_part(planted):
@@ -270,7 +369,8 @@ def test_lens_method_order_and_zero_vectors():
 
 def test_config_refuses_bad_settings():
     for bad in ({"n_directions": 0}, {"rankings": ["delta"]}, {"alphas": []}, {"models": ["other"]},
-                {"max_prompts": 1}, {"unknown": 1}, {"readings": []}, {"readings": ["decoder"]}):
+                {"max_prompts": 1}, {"unknown": 1}, {"readings": []}, {"readings": ["decoder"]}, {"steer_top": 0},
+                {"steer_top": 1.5}):
         with pytest.raises(ConfigError):
             ScoreboardConfig.from_dict(bad)
     assert ScoreboardConfig.from_dict({"lens_positions": 3}).lens().n_positions == 3
@@ -307,8 +407,8 @@ def test_cli_scoreboard_and_its_bad_input(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     board = json.loads((tmp_path / "board.json").read_text())
-    assert [m["name"] for m in board["methods"]] == ["L1_dnorm", "L1_dnorm_codes", "L1_nu", "L1_nu_codes", "lens",
-                                                      "random"]
+    assert [m["name"] for m in board["methods"]] == ["L1_dnorm", "L1_dnorm_codes", "L1_nu", "L1_nu_codes", "L1_track",
+                                                      "lens", "random"]
     assert board["methods"][0]["latents"] == [4, 2] and board["layer"] == 1
     assert (tmp_path / "board.lens.json").is_file() and (tmp_path / "board.lens.safetensors").is_file()
     assert all(f'"{m}": {{' in r.output for m in ("L1_dnorm", "L1_nu", "lens", "random"))  # the headline numbers

@@ -39,7 +39,8 @@ def behaviour_sentence(board: Mapping[str, Any], behaviour: str) -> str:
             parts.append(f"no method's best direction raised it in the {model} model (unsteered {pct(_num(s['unsteered']))})")
             continue
         floor_r = _rise(rnd["behaviours"][behaviour], model) if rnd else float("nan")
-        parts.append(f"steering {best['name']}'s best direction raised it most in the {model} model: "
+        which = f"{best['name']}'s {s['best_label']}" if s.get("best_label") else f"{best['name']}'s best direction"
+        parts.append(f"steering {which} raised it most in the {model} model: "
                      f"{pct(_num(s['unsteered']))} → {pct(_num(s['best']))} of all prompts at a = {fmt(s['best_alpha'])}"
                      + (f" (random: {'+' if floor_r >= 0 else ''}{pct(floor_r)})" if rnd and math.isfinite(floor_r) else ""))
     return "; ".join(parts) + "."
@@ -61,9 +62,11 @@ def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
             steer = {model: v["steer"].get(model) for model in models}
             r = v.get("steer_scale") or {}  # boards written before the per-direction scale have none
             rows.append({"behaviour": b, "method": m["name"], "family": m["family"], "best": v["best_label"],
-                         "auroc": fmt(v["auroc"]),
+                         "auroc": fmt(v["auroc"]) + ("*" if m.get("supervised") else ""),
                          **{f"steer_{model}": (f"{pct(_num(s['unsteered']))} → {pct(_num(s['best']))} (a={fmt(s['best_alpha'])}"
-                                               + (f" × {_num(r[model]):.3g}" if model in r else "") + ")"
+                                               + (f" × {_num(r[model]):.3g}" if model in r else "")
+                                               + (f", {s['best_label']}" if s.get("best_label") not in (None, v["best_label"])
+                                                  else "") + ")"
                                                if s else "") for model, s in steer.items()},
                          "gap_first9": pct(_num(m["gap_closed"]["first9"])),
                          "gap_response": pct(_num(m["gap_closed"]["response"]))})
@@ -85,8 +88,13 @@ def scoreboard_section(board: Mapping[str, Any] | None) -> dict | None:
     protocol = (f"Each method proposes its top {board['n_directions']} directions at block {board['layer']}. Detection: AUROC of "
                 f"a prompt's largest projection on the chat model's activations (for a _codes method the latent's "
                 f"largest code, the same latents as its ranking's row; trigger prompts vs the rest, "
-                f"{board['n_prompts']} prompts), best of the N. Steering: that best direction, scaled to a × the "
-                f"{scale} (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best a. "
+                f"{board['n_prompts']} prompts), best of the N"
+                + ("; * a _track method, the one that picks its latents with the behaviour labels (the best trackers "
+                   "of each behaviour in turn): its AUROC is cross-fitted, the best tracker of one half of the prompts "
+                   "scored on the other, both ways" if any(m.get("supervised") for m in board["methods"]) else "")
+                + f". Steering: the {cfg.get('steer_top', 1)} best-detecting direction(s) per method, each scaled to a × the "
+                f"{scale} (a in {cfg.get('alphas')}), the behaviour's rate over all prompts at the best direction and a "
+                f"(named in the cell when it is not the detection-best). "
                 f"KL gap: the share closed when the chat model's block output is replaced by h_b + P(h_c − h_b), P "
                 f"the projection onto the span of the N directions ({board.get('kl_tokens', {}).get('response', 0)} "
                 f"answer tokens of {board.get('kl_sequences', 0)} held-out conversations).")
