@@ -36,7 +36,7 @@ def behaviour_sentence(board: Mapping[str, Any], behaviour: str) -> str:
         r = _rise(best["behaviours"][behaviour], model)
         s = best["behaviours"][behaviour]["steer"][model]
         if not (r > 0):
-            parts.append(f"no method's best direction raised it in the {model} model (unsteered {pct(_num(s['unsteered']))})")
+            parts.append(f"no method's steered directions raised it in the {model} model (unsteered {pct(_num(s['unsteered']))})")
             continue
         floor_r = _rise(rnd["behaviours"][behaviour], model) if rnd else float("nan")
         which = f"{best['name']}'s {s['best_label']}" if s.get("best_label") else f"{best['name']}'s best direction"
