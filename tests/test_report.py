@@ -430,6 +430,11 @@ def test_scoreboard_section_names_the_best_method_against_the_floor(analysed, tm
                          _board_method("random", "random", 0.55, {"base": (0.0, 0.0, 1.0), "chat": (0.5, 0.5, 1.0)}, 0.02)]}
     board["rows"] = [{"method": m["name"], "behaviour": "refusal"} for m in board["methods"]]
     board["methods"][0]["behaviours"]["refusal"]["steer_scale"] = {"base": 3.25, "chat": 4.5}  # the peak unit's reach
+    # in the chat model its second steered direction did best (steer_top 2); a supervised row's AUROC is starred
+    board["methods"][0]["behaviours"]["refusal"]["steer"]["chat"]["best_label"] = "l1_dnorm 1"
+    board["methods"][0]["behaviours"]["refusal"]["steer"]["base"]["best_label"] = "l1_dnorm 0"
+    board["methods"][0]["supervised"] = True
+    board["config"]["steer_top"] = 2
     path = tmp_path / "scoreboard.json"
     path.write_text(json.dumps(board))
     run = RunInputs("L1", _nothing_chat_only(), analysed[2].summary)
@@ -438,12 +443,13 @@ def test_scoreboard_section_names_the_best_method_against_the_floor(analysed, tm
     assert '<h2 id="scoreboard">Scoreboard</h2>' in page
     s = json.loads(paths["json"].read_text())["scoreboard"]["sentences"][0]
     assert s.startswith("refusal: best detected by l1_dnorm (l1_dnorm 0, AUROC 0.97; random directions 0.55)")
-    assert "steering l1_dnorm's best direction raised it most in the chat model: 50% → 90% of all prompts at a = 1" in s
+    assert "steering l1_dnorm's l1_dnorm 1 raised it most in the chat model: 50% → 90% of all prompts at a = 1" in s
     assert "(random: +0%)" in s and "in the base model: 0% → 10%" in s
     assert page.count('<tr><td class="l">refusal</td>') == 3  # a row per method
     assert "40%" in page and "latents 3, 5" in page and "&#39;Sorry&#39;" in page
     # the steering unit: each direction's own reach, shown beside its best a (boards without it show only a)
-    assert "50% → 90% (a=1 × 4.5)" in page and "0% → 10% (a=2 × 3.25)" in page and "50% → 60% (a=2)" in page
+    assert "50% → 90% (a=1 × 4.5, l1_dnorm 1)" in page and "0% → 10% (a=2 × 3.25)" in page and "50% → 60% (a=2)" in page
+    assert ">0.97*<" in page and "cross-fitted" in page and "the 2 best-detecting direction(s)" in page
     assert "direction&#39;s reach" in page or "direction's reach" in page
 
 
