@@ -72,12 +72,19 @@ def behaviour_tracking(pair: ModelPair, cc: CrossCoder, behaviours: Any, prompts
     prompts = list(prompts)
     acts = prompt_max_activations(pair, cc, [p["text"] for p in prompts], batch_size=batch_size).cpu().numpy()
     expected = np.array([p.get("expected") or "" for p in prompts])
+    return tracking_table(acts, expected, [b.name for b in rules(behaviours)])
+
+
+def tracking_table(acts: np.ndarray, expected: np.ndarray, behaviours: Sequence[str]) -> pd.DataFrame:
+    """:func:`behaviour_tracking`'s table from the prompt-max activations ``acts [P, F]`` and what each prompt
+    should trigger (``expected [P]``, "" for nothing), for the behaviour names ``behaviours``."""
+    acts, expected = np.asarray(acts), np.asarray(expected)
     cols: dict[str, np.ndarray] = {"latent": np.arange(acts.shape[1], dtype=np.int64)}
-    for b in rules(behaviours):
-        pos = expected == b.name
-        cols[f"auroc_{b.name}"] = auroc(acts, pos)
-        cols[f"mean_act_{b.name}"] = acts[pos].mean(0) if pos.any() else np.full(acts.shape[1], np.nan)
-        cols[f"mean_act_not_{b.name}"] = acts[~pos].mean(0) if (~pos).any() else np.full(acts.shape[1], np.nan)
+    for name in behaviours:
+        pos = expected == name
+        cols[f"auroc_{name}"] = auroc(acts, pos)
+        cols[f"mean_act_{name}"] = acts[pos].mean(0) if pos.any() else np.full(acts.shape[1], np.nan)
+        cols[f"mean_act_not_{name}"] = acts[~pos].mean(0) if (~pos).any() else np.full(acts.shape[1], np.nan)
     return pd.DataFrame(cols)
 
 

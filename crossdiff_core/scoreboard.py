@@ -11,8 +11,10 @@ promising first:
   codes instead of by a projection (step 1): a crosscoder's latent is a detector before it is a direction, and
   a latent that fires on the trigger tokens need not have a decoder row that stands out in ``h_chat``;
 - ``<kind>_track`` (``rankings`` has ``track``): the latents that track the behaviours, the only method that reads
-  the behaviour labels: per behaviour the AUROC of every live latent's largest code on the prompts, and its best
-  trackers taken in turn (the best of each behaviour, then the second best, ...) up to ``N``. A latent that tracks
+  the behaviour labels: per behaviour the live latents ranked as trackers on the prompts by the steer stage's rule
+  (:func:`~crossdiff_core.behaviour_tracking.rank_trackers`: the AUROC of a latent's largest code, ties to
+  chat-only, then ν), and the best trackers taken in turn (the best of each behaviour, then the second best, ...)
+  up to ``N``. A latent that tracks
   a behaviour is often shared (the concept is in both models; what changed is how later blocks use it), so no
   chat-specificity ranking finds it. Its detection AUROC is cross-fitted, since a latent picked by its AUROC on
   the prompts it is scored on would beat every unsupervised method by construction: the prompts are split in two
@@ -76,9 +78,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .behaviour_tracking import auroc, prompt_max_activations
+from .behaviour_tracking import auroc, prompt_max_activations, rank_trackers, tracking_table
 from .behaviours import measure, rules
-from .chat_rank import live_mask, top_chat
+from .chat_rank import top_chat
 from .config import from_dict, neutral
 from .crosscoder import CrossCoder
 from .decoder_norms import CHAT_ONLY
@@ -176,9 +178,13 @@ class Method(NamedTuple):
     latents: list[int] | None  # a crosscoder's latent ids (None for the others)
     description: str
     encoder: CrossCoder | None = None  # detection by these latents' codes; None: by projection (module docstring)
-    # latents holds the candidates (every live latent) and directions is empty until score_methods picks the
-    # trackers with the behaviour labels (:func:`pick_trackers`); detection is then cross-fitted
-    supervised: bool = False
+    # a supervised method's latents table: directions, labels and latents stay empty until score_methods picks
+    # the trackers from it with the behaviour labels (:func:`tracker_order`); detection is then cross-fitted
+    table: pd.DataFrame | None = None
+
+    @property
+    def supervised(self) -> bool:
+        return self.table is not None
 
 
 # ---- the methods --------------------------------------------------------------------------------------
@@ -197,11 +203,9 @@ def crosscoder_methods(cc: CrossCoder, table: pd.DataFrame, kind: str, n: int,
     out = []
     for r in rankings:
         if r == "track":
-            live = [int(j) for j in table["latent"].to_numpy(np.int64)[live_mask(table)]]
-            if live:
-                out.append(Method(f"{kind}_track", "crosscoder", torch.zeros(0, cc.cfg.d_model), [], live,
-                                  f"{kind} crosscoder: the live latents that track the behaviours best on the prompts "
-                                  "(supervised; AUROC cross-fitted)", cc, supervised=True))
+            out.append(Method(f"{kind}_track", "crosscoder", torch.zeros(0, cc.cfg.d_model), [], [],
+                              f"{kind} crosscoder: the live latents that track the behaviours best on the prompts "
+                              "(supervised; AUROC cross-fitted)", cc, table))
             continue
         if r == "dnorm":
             lat = [int(j) for j in top_chat(table, n)]
@@ -274,31 +278,39 @@ def _desc(a: np.ndarray) -> np.ndarray:
     return np.argsort(-np.nan_to_num(np.asarray(a, dtype=np.float64), nan=-np.inf), kind="stable")
 
 
-def pick_trackers(scores: np.ndarray, expected: np.ndarray, behaviours: Sequence[str], n: int) -> list[int]:
-    """The ``n`` columns of ``scores [P, L]`` (candidates' scores per prompt) that track the behaviours best:
-    per behaviour the columns by their AUROC (its trigger prompts against the rest), taken in turn (every
-    behaviour's best, then every behaviour's second best, ...), each column once. Column indices."""
-    orders = [_desc(auroc(scores, expected == b)) for b in behaviours]
+def tracker_order(table: pd.DataFrame, acts: np.ndarray, expected: np.ndarray, behaviour: str) -> np.ndarray:
+    """The live latents of ``table`` as trackers of ``behaviour`` on these prompts, best first
+    (:func:`~crossdiff_core.behaviour_tracking.rank_trackers` on the prompt-max codes ``acts [P, F]``; ``expected
+    [P]`` what each prompt should trigger): ``[≤ F]`` int64 latent ids, empty when a side has no prompt."""
+    tracking = tracking_table(acts, expected, [behaviour])
+    return rank_trackers(table, tracking, behaviour)["latent"].to_numpy(np.int64)
+
+
+def pick_trackers(orders: Sequence[Sequence[int]], n: int) -> list[int]:
+    """``n`` ids from per-behaviour orders (best first), taken in turn: every behaviour's best, then every
+    behaviour's second best, ..., each id once."""
     picked: list[int] = []
-    for rank in range(scores.shape[1]):  # at most n ranks: each adds a column until n are picked
+    for rank in range(max((len(o) for o in orders), default=0)):  # stops after at most n ranks
         for o in orders:
-            if int(o[rank]) not in picked:
+            if rank < len(o) and int(o[rank]) not in picked:
                 picked.append(int(o[rank]))
             if len(picked) == n:
                 return picked
     return picked
 
 
-def crossfit_auroc(scores: np.ndarray, positive: np.ndarray, fold: np.ndarray) -> float:
-    """The held-out AUROC of picking the best column of ``scores [P, L]`` by its AUROC: the best column on
-    one half (``fold`` 0 / 1) scored on the other, both ways, averaged. NaN when a half lacks a side."""
-    positive, held = np.asarray(positive, dtype=bool), []
+def crossfit_auroc(table: pd.DataFrame, acts: np.ndarray, expected: np.ndarray, behaviour: str,
+                   fold: np.ndarray) -> float:
+    """The held-out AUROC of picking the best tracker of ``behaviour`` (:func:`tracker_order`): the best on one
+    half of the prompts (``fold`` 0 / 1) scored on the other, both ways, averaged. NaN when a half lacks a side."""
+    acts, expected = np.asarray(acts), np.asarray(expected)
+    positive, held = expected == behaviour, []
     for f in (0, 1):
         pick, test = fold != f, fold == f
-        a = auroc(scores[pick], positive[pick])
-        if not np.isfinite(a).any():
+        order = tracker_order(table, acts[pick], expected[pick], behaviour)
+        if not len(order):
             return float("nan")
-        held.append(float(auroc(scores[test][:, [int(_desc(a)[0])]], positive[test])[0]))
+        held.append(float(auroc(acts[test][:, [int(order[0])]], positive[test])[0]))
     return float(np.mean(held))
 
 
@@ -447,8 +459,8 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
             raise CrossdiffError(f"method {m.name}: directions must be finite [n, {d}], got {list(m.directions.shape)}")
         if m.encoder is not None and (m.latents is None or len(m.latents) < min(cfg.n_directions, len(m.directions))):
             raise CrossdiffError(f"method {m.name} reads codes: it needs a latent id per direction")
-        if m.supervised and (m.encoder is None or not m.latents):
-            raise CrossdiffError(f"method {m.name} picks trackers: it needs a crosscoder (encoder) and candidate latents")
+        if m.supervised and m.encoder is None:
+            raise CrossdiffError(f"method {m.name} picks trackers: it needs the crosscoder (encoder) whose codes it reads")
     behaviours = [b.name for b in rules(spec)]
     prompts = subsample_prompts(spec.prompts(), cfg.max_prompts, cfg.seed)
     expected = np.array([p.get("expected") or "" for p in prompts])
@@ -462,9 +474,9 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
     crossfit: dict[int, dict[str, float]] = {}  # supervised methods: the cross-fitted AUROC per behaviour
     for i, m in enumerate(methods):
         if m.supervised:
-            cand = codes[id(m.encoder)][:, torch.as_tensor(m.latents, dtype=torch.long)].numpy()
-            crossfit[i] = {b: crossfit_auroc(cand, expected == b, fold) for b in behaviours}
-            lat = [m.latents[j] for j in pick_trackers(cand, expected, behaviours, cfg.n_directions)]
+            acts = codes[id(m.encoder)].numpy()
+            crossfit[i] = {b: crossfit_auroc(m.table, acts, expected, b, fold) for b in behaviours}
+            lat = pick_trackers([tracker_order(m.table, acts, expected, b) for b in behaviours], cfg.n_directions)
             methods[i] = m._replace(directions=chat_directions(m.encoder, lat), latents=lat,
                                     labels=[f"latent {j}" for j in lat])
     U = [unit(m.directions[: cfg.n_directions]) for m in methods]
@@ -510,14 +522,13 @@ def score_methods(pair: ModelPair, methods: Sequence[Method], spec: Any, sequenc
             a, js = det[i][b], tops[i][b]
             steer, scale = {}, {}
             for name in cfg.models:
+                tried = [(j, r) for j in js for r in steered[key[i][j]][name]]  # (direction, run)
                 runs = [{"label": rec["labels"][j], "alpha": r["alpha"],
-                         **{x: r["rates"][b][x] for x in ("rate", "trigger_rate", "other_rate")}}
-                        for j in js for r in steered[key[i][j]][name]]
+                         **{x: r["rates"][b][x] for x in ("rate", "trigger_rate", "other_rate")}} for j, r in tried]
                 k = int(np.nanargmax(np.nan_to_num([r["rate"] for r in runs], nan=-1.0)))
-                win = js[k // len(cfg.alphas)]
                 steer[name] = {"unsteered": unsteered[name][b]["rate"], "best": runs[k]["rate"],
                                "best_alpha": runs[k]["alpha"], "best_label": runs[k]["label"], "runs": runs}
-                scale[name] = reach[key[i][win]][name]
+                scale[name] = reach[key[i][tried[k][0]]][name]
             in_sample = float(a[js[0]]) if np.isfinite(a[js[0]]) else None
             held = crossfit[i][b] if i in crossfit else in_sample
             rec["behaviours"][b] = {"auroc": held if held is None or math.isfinite(held) else None,

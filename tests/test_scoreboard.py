@@ -219,76 +219,112 @@ def _u_stat(s1, s0) -> int:
     return int(sum(2 * (a > b) + (a == b) for a in s1 for b in s0))
 
 
-def _order(scores, pos):
-    """Columns by AUROC (pair counts), best first, ties by column."""
-    u = [_u_stat(scores[pos, j], scores[~pos, j]) for j in range(scores.shape[1])]
-    return sorted(range(scores.shape[1]), key=lambda j: (-u[j], j))
+def _live_trackers(table, scores, pos):
+    """The live latents (finite max_act, not dead) by AUROC (pair counts), best first; ties to chat-only, then
+    the lower ν rank, then the latent id (the steer stage's rule, by hand)."""
+    u = {j: _u_stat(scores[pos, j], scores[~pos, j]) for j in range(scores.shape[1])}
+    live = table[np.isfinite(table["max_act"]) & (table["class"] != "dead")]
+    key = {int(r.latent): (-u[int(r.latent)], r["class"] != "chat_only",
+                           np.inf if np.isnan(r.nu_rank) else r.nu_rank, int(r.latent)) for _, r in live.iterrows()}
+    return sorted(key, key=key.get)
+
+
+def _by_hand_crossfit(table, scores, pos, fold):
+    held = []
+    for f in (0, 1):
+        tr, te = fold != f, fold == f
+        j = _live_trackers(table, scores[tr], pos[tr])[0]
+        held.append(_u_stat(scores[te & pos, j], scores[te & ~pos, j]) / (2 * (te & pos).sum() * (te & ~pos).sum()))
+    return float(np.mean(held))
+
+
+def _tracker_table(n):
+    """n latents: the last dead, 2 and 7 chat-only (ν ranks 2 and 1), the rest shared."""
+    cls = ["shared"] * n
+    cls[2], cls[7], cls[-1] = "chat_only", "chat_only", "dead"
+    nu = np.full(n, np.nan)
+    nu[2], nu[7] = 2.0, 1.0
+    return pd.DataFrame({"latent": np.arange(n), "class": cls, "nu_rank": nu,
+                         "max_act": [1.0] * (n - 1) + [np.nan]})
 
 
 def test_trackers_and_their_cross_fitted_auroc_by_brute_force():
+    from crossdiff_core.scoreboard import tracker_order
+
     rng = np.random.default_rng(0)
     expected = np.array(["a"] * 5 + ["b"] * 4 + [""] * 7)
-    scores = rng.normal(size=(16, 9))
-    scores[expected == "a", 3] += 5.0  # column 3 tracks a, 6 less well; 5 tracks b
+    scores = rng.normal(size=(16, 10))
+    scores[expected == "a", 3] += 5.0  # 3 tracks a, 6 less well; 5 tracks b
     scores[expected == "a", 6] += 1.0
     scores[expected == "b", 5] += 5.0
+    scores[:, 7] = scores[:, 5]  # chat-only 7 ties with 5: the tie goes to chat-only
+    scores[:, 9] = scores[:, 3] + 1.0  # dead latent 9 would tie with 3: never a tracker
+    table = _tracker_table(10)
     fold = halves(expected, seed=1)
     for k in ("a", "b", ""):  # each kind dealt evenly between the halves; seeded
         n = int((expected == k).sum())
         assert sorted([int((fold[expected == k] == f).sum()) for f in (0, 1)]) == [n // 2, n - n // 2]
     assert np.array_equal(fold, halves(expected, seed=1))
     assert any(not np.array_equal(fold, halves(expected, seed=s)) for s in range(2, 6))
-    # picks: each behaviour's best in turn, each column once
-    oa, ob = _order(scores, expected == "a"), _order(scores, expected == "b")
+    oa, ob = (_live_trackers(table, scores, expected == b) for b in ("a", "b"))
+    assert oa[0] == 3 and ob[:2] == [7, 5] and 9 not in oa
+    assert tracker_order(table, scores, expected, "a").tolist() == oa
+    assert tracker_order(table, scores, expected, "b").tolist() == ob
+    # picks: each behaviour's best in turn, each id once
     want: list[int] = []
     for r in range(9):
         for o in (oa, ob):
             if o[r] not in want:
                 want.append(o[r])
-    assert want[:2] == [3, 5]
-    for n in (1, 4, 9):
-        assert pick_trackers(scores, expected, ["a", "b"], n) == want[:n]
-    # cross-fitted: the best column of one half scored on the other, both ways, averaged
+    for n in (1, 4, 9, 20):
+        assert pick_trackers([oa, ob], n) == want[:n]
+    # cross-fitted: the best tracker of one half scored on the other, both ways, averaged
     for b in ("a", "b"):
-        pos, held = expected == b, []
-        for f in (0, 1):
-            tr, te = fold != f, fold == f
-            j = _order(scores[tr], pos[tr])[0]
-            held.append(_u_stat(scores[te & pos, j], scores[te & ~pos, j]) / (2 * (te & pos).sum() * (te & ~pos).sum()))
-        assert crossfit_auroc(scores, pos, fold) == pytest.approx(float(np.mean(held)), abs=1e-12)
+        assert crossfit_auroc(table, scores, expected, b, fold) == \
+            pytest.approx(_by_hand_crossfit(table, scores, expected == b, fold), abs=1e-12)
     # a half without a trigger prompt has nothing to pick or score with
-    assert math.isnan(crossfit_auroc(scores, expected == "a", np.zeros(16, dtype=np.int64)))
+    assert math.isnan(crossfit_auroc(table, scores, expected, "a", np.zeros(16, dtype=np.int64)))
 
 
 def test_track_method_picks_its_latents_and_steers_its_best_trackers(planted):
     """The supervised method on a hand-set crosscoder: its picks, cross-fitted AUROC and in-sample AUROC from
     codes computed by hand, its directions the picks' chat decoder rows, and with ``steer_top`` 2 both of its
-    best trackers steered, the better rate counting and named."""
+    best trackers steered: the better rate counts and is named, with its own reach, and the second tracker's
+    run is the behaviour measure under the hook."""
     from crossdiff_core.scoreboard import chat_directions
 
     pair, seqs = planted
-    cc, codes, pos, _, _ = _hand_crosscoder(pair, dict_size=6)
-    table = _table()  # six latents, 5 dead: candidates 0..4
+    cc, codes, pos, hc, _ = _hand_crosscoder(pair, dict_size=6)
+    table = _table()  # six latents, 5 dead
     (m,) = crosscoder_methods(cc, table, "cc", 3, ["track"], ["projection", "codes"])
-    assert m.name == "cc_track" and m.supervised and m.encoder is cc and m.latents == [0, 1, 2, 3, 4]
+    assert m.name == "cc_track" and m.supervised and m.encoder is cc and m.table is table
     board = _board(pair, seqs, [m], n=3, steer_top=2)
     rec = board["methods"][0]
     v = rec["behaviours"]["weather"]
-    expected = np.array([p["expected"] or "" for p in SPEC.prompts()])
-    cand = codes[:, :5]
-    picks = pick_trackers(cand, expected, ["weather"], 3)
-    assert rec["latents"] == picks == _order(cand, pos)[:3] and rec["supervised"] and rec["reading"] == "codes"
+    prompts = SPEC.prompts()
+    expected = np.array([p["expected"] or "" for p in prompts])
+    picks = _live_trackers(table, codes, pos)[:3]
+    assert rec["latents"] == picks and 5 not in picks and rec["supervised"] and rec["reading"] == "codes"
     np.testing.assert_allclose(rec["norms"], chat_directions(cc, picks).norm(dim=1).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(v["aurocs"], [_u_stat(cand[pos, j], cand[~pos, j]) / (2 * pos.sum() * (~pos).sum())
+    np.testing.assert_allclose(v["aurocs"], [_u_stat(codes[pos, j], codes[~pos, j]) / (2 * pos.sum() * (~pos).sum())
                                              for j in picks], atol=1e-9)
     assert v["auroc_in_sample"] == max(v["aurocs"]) and v["best"] == 0
-    assert v["auroc"] == pytest.approx(crossfit_auroc(cand, pos, halves(expected, 0)), abs=1e-9)
-    for model in ("base", "chat"):
-        s = v["steer"][model]
-        assert [r["label"] for r in s["runs"]] == [f"latent {j}" for j in picks[:2]]  # one a each
-        k = int(np.argmax([r["rate"] for r in s["runs"]]))
-        assert s["best"] == s["runs"][k]["rate"] and s["best_label"] == s["runs"][k]["label"]
-    assert board["rows"][0]["supervised"] and board["rows"][0]["steered_chat"] == v["steer"]["chat"]["best_label"]
+    assert v["auroc"] == pytest.approx(_by_hand_crossfit(table, codes, pos, halves(expected, 0)), abs=1e-9)
+    # the steered trackers: the two best-detecting picks, one run per a; each one's reach by hand
+    second = int(np.argsort(-np.array(v["aurocs"]), kind="stable")[1])
+    steered = [picks[0], picks[second]]
+    H = torch.cat(hc)
+    U = unit(chat_directions(cc, steered)).double()
+    reach = {j: float(((H - H.mean(0)) @ U[n]).max()) for n, j in enumerate(steered)}
+    s = v["steer"]["chat"]
+    assert [r["label"] for r in s["runs"]] == [f"latent {j}" for j in steered]  # a single a
+    k = int(np.argmax([r["rate"] for r in s["runs"]]))
+    assert s["best"] == s["runs"][k]["rate"] and s["best_label"] == f"latent {steered[k]}"
+    assert v["steer_scale"]["chat"] == pytest.approx(reach[steered[k]], rel=1e-4)
+    with steering(pair.chat, PLANTED, U[1].float() * reach[steered[1]]):
+        mm = measure(pair.chat, SPEC, prompts, tokenizer=pair.tokenizer, max_new_tokens=4, batch_size=4)
+    assert s["runs"][1]["rate"] == pooled_rate(mm["rates"]["weather"])
+    assert board["rows"][0]["supervised"] and board["rows"][0]["steered_chat"] == s["best_label"]
     # a supervised method needs the crosscoder that reads its candidates
     with pytest.raises(Exception, match="picks trackers"):
         _board(pair, seqs, [m._replace(encoder=None)], n=3)
